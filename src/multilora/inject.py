@@ -1,0 +1,204 @@
+"""Put MultiLoRA (or LoRA) layers into a Hugging Face model by module-name patterns.
+
+    import multilora as ml
+    summary = ml.inject(model, ml.MultiLoRAConfig(n=3, r=8, alpha=16, targets=["q_proj", "v_proj"]))
+    print(summary)            # adapted modules, trainable parameters and their share
+
+The model stays the same `PreTrainedModel`: only the matched linear layers are wrapped in
+`MultiLoRALinear`, and every parameter that is not an adapter parameter is frozen.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .errors import MultiLoRAError
+from .layers import MultiLoRALinear, check_options
+
+ADAPTER_PARAMS = ("lora_A", "lora_B", "lora_s")
+
+
+@dataclass
+class MultiLoRAConfig:
+    """Adapter options (MULTILORA.md §2) and the modules they go into.
+
+    targets: a list of module-name suffixes (`["q_proj", "v_proj"]`), a regular expression
+    matched against the full module path (`r".*\\.(q|v)_proj"`), or `"all-linear"` (every
+    linear layer except the output head). `MultiLoRAConfig.lora(r, alpha)` is plain LoRA.
+    """
+
+    n: int = 3
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    init: str = "multilora"  # "multilora": A, B Kaiming and s = 0 | "lora": B = 0 (s = 1)
+    scale: str = "vector"  # "vector": s is (n, d_out) | "scalar": (n,) | "none": no s (LoRA)
+    targets: list[str] | str = field(default_factory=lambda: ["q_proj", "v_proj"])
+
+    def __post_init__(self) -> None:
+        check_options(n=self.n, r=self.r, alpha=self.alpha, dropout=self.dropout, init=self.init, scale=self.scale)
+        if isinstance(self.targets, tuple):
+            self.targets = list(self.targets)
+        if not (isinstance(self.targets, str) or (isinstance(self.targets, list) and self.targets
+                                                   and all(isinstance(t, str) and t for t in self.targets))):
+            raise MultiLoRAError(
+                f"targets must be a non-empty list of module-name suffixes, a regex string or 'all-linear', got {self.targets!r}"
+            )
+
+    @classmethod
+    def lora(cls, r: int = 8, alpha: float = 16.0, dropout: float = 0.0,
+             targets: list[str] | str = ("q_proj", "v_proj")) -> "MultiLoRAConfig":
+        """Plain LoRA: one module, B = 0 at init, no scales."""
+        return cls(n=1, r=r, alpha=alpha, dropout=dropout, init="lora", scale="none", targets=list(targets)
+                   if not isinstance(targets, str) else targets)
+
+    @property
+    def method(self) -> str:
+        """'lora' for the plain-LoRA case, else 'multilora'."""
+        return "lora" if (self.n == 1 and self.init == "lora" and self.scale == "none") else "multilora"
+
+    def layer_options(self) -> dict:
+        """The keyword arguments of `MultiLoRALinear` this config sets."""
+        d = asdict(self)
+        d.pop("targets")
+        return d
+
+
+@dataclass
+class InjectSummary:
+    """What `inject` did: the adapted module paths and the parameter counts."""
+
+    modules: list[str]
+    trainable: int
+    total: int
+
+    @property
+    def share(self) -> float:
+        """Trainable parameters as a fraction of all parameters."""
+        return self.trainable / max(self.total, 1)
+
+    def __str__(self) -> str:
+        return (f"adapted {len(self.modules)} modules; trainable {self.trainable:,} of {self.total:,} "
+                f"parameters ({100 * self.share:.3f}%)")
+
+
+def linear_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Every `nn.Linear` / `Conv1D` (or MultiLoRA-wrapped one) except the output head, by path."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    wrapped = {id(m.base) for m in model.modules() if isinstance(m, MultiLoRALinear)}
+    return {name: m for name, m in model.named_modules()
+            if isinstance(m, (nn.Linear, Conv1D, MultiLoRALinear)) and m is not head and name and id(m) not in wrapped}
+
+
+def find_targets(model: nn.Module, targets: list[str] | str) -> list[str]:
+    """Resolve target patterns to module paths; raise, listing what exists, if none match."""
+    layers = linear_layers(model)
+    if targets == "all-linear":
+        found = list(layers)
+    elif isinstance(targets, str):
+        try:
+            pattern = re.compile(targets)
+        except re.error as e:
+            raise MultiLoRAError(f"targets {targets!r} is not a valid regular expression: {e}") from None
+        found = [name for name in layers if pattern.fullmatch(name)]
+    else:
+        found = [name for name in layers if any(name == t or name.endswith("." + t) for t in targets)]
+    if not found:
+        leaves = Counter(name.rsplit(".", 1)[-1] for name in layers)
+        listing = ", ".join(f"{k} ({v})" for k, v in sorted(leaves.items()))
+        raise MultiLoRAError(
+            f"targets {targets!r} match no linear layer of this {type(model).__name__}; "
+            f"its linear layers are: {listing}. Use some of these names, a regex or 'all-linear'"
+        )
+    return found
+
+
+def adapter_modules(model: nn.Module) -> dict[str, MultiLoRALinear]:
+    """The model's MultiLoRA layers by module path."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, MultiLoRALinear)}
+
+
+def adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The adapter tensors by their on-disk key `<module path>.lora_A|lora_B|lora_s`."""
+    out = {}
+    for path, m in adapter_modules(model).items():
+        for p in ADAPTER_PARAMS:
+            t = getattr(m, p)
+            if t is not None:
+                out[f"{path}.{p}"] = t
+    return out
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; tied weights are counted once."""
+    params = list(model.parameters())  # parameters() already de-duplicates shared tensors
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def refuse_if_injected(model: nn.Module) -> None:
+    """Raise if the model already carries MultiLoRA layers (a second adapter would stack)."""
+    if adapter_modules(model):
+        raise MultiLoRAError(
+            "this model already has MultiLoRA adapters; injecting twice would stack two adapters. "
+            "Use a fresh model, or call multilora.unload(model) first"
+        )
+
+
+def inject(model: nn.Module, config: MultiLoRAConfig, modules: list[str] | None = None) -> InjectSummary:
+    """Wrap the target linear layers in MultiLoRA layers and freeze everything else.
+
+    `modules` (exact module paths) overrides `config.targets`; `load_adapter` uses it.
+    """
+    refuse_if_injected(model)
+    if modules is None:
+        modules = find_targets(model, config.targets)
+    else:
+        layers = linear_layers(model)
+        missing = [m for m in modules if m not in layers]
+        if missing:
+            raise MultiLoRAError(
+                f"module {missing[0]!r} is not a linear layer of this {type(model).__name__} "
+                f"({len(missing)} of {len(modules)} adapter modules are missing): the adapter was made for another base model"
+            )
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for path in modules:
+        parent_path, _, leaf = path.rpartition(".")
+        parent = model.get_submodule(parent_path)
+        setattr(parent, leaf, MultiLoRALinear(getattr(parent, leaf), **config.layer_options()))
+    model.multilora_config = config  # read by save_adapter / export; plain attribute, not saved by HF
+    trainable, total = count_parameters(model)
+    return InjectSummary(modules=list(modules), trainable=trainable, total=total)
+
+
+def merge(model: nn.Module) -> nn.Module:
+    """Merge every adapter into its base weight (zero inference overhead); returns the model."""
+    for m in adapter_modules(model).values():
+        m.merge()
+    return model
+
+
+def unmerge(model: nn.Module) -> nn.Module:
+    """Undo `merge`: subtract every adapter's update from its base weight; returns the model."""
+    for m in adapter_modules(model).values():
+        m.unmerge()
+    return model
+
+
+def unload(model: nn.Module, merge_first: bool = True) -> nn.Module:
+    """Replace every MultiLoRA layer by its (merged, by default) base layer; returns the model."""
+    for path, m in adapter_modules(model).items():
+        if merge_first:
+            m.merge()
+        elif m.merged:
+            m.unmerge()
+        parent_path, _, leaf = path.rpartition(".")
+        setattr(model.get_submodule(parent_path), leaf, m.base)
+    if hasattr(model, "multilora_config"):
+        del model.multilora_config
+    return model

@@ -1,0 +1,185 @@
+"""The MultiLoRA linear layer: n parallel LoRA modules with learnable scales, run fused.
+
+    y = W0 x + b + (alpha / r) * sum_i s_i * (B_i A_i dropout(x))          (MULTILORA.md §2)
+
+computed as one rank-(n r) low-rank path (MULTILORA.md §3):
+
+    A_cat = [A_1; ...; A_n]                              # (n r, d_in)
+    B_s   = (alpha / r) [s_1 * B_1, ..., s_n * B_n]      # (d_out, n r), s_i scales rows of B_i
+    y     = W0 x + b + B_s (A_cat dropout(x))
+
+Folding the scales (and alpha / r) into B costs one weight-sized product per call instead of an
+activation-sized one, and there is no Python loop over the n modules. Plain LoRA is the same
+layer with n = 1, B = 0 at init and no scales (`scale="none"`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .errors import MultiLoRAError
+
+Init = Literal["multilora", "lora"]
+Scale = Literal["vector", "scalar", "none"]
+INITS = ("multilora", "lora")
+SCALES = ("vector", "scalar", "none")
+
+
+def fuse(
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    lora_s: torch.Tensor | None,
+    scaling: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return the fused factors (A_cat (n r, d_in), B_s (d_out, n r)) with dW = B_s @ A_cat."""
+    n, r, d_in = lora_A.shape
+    d_out = lora_B.shape[1]
+    a_cat = lora_A.reshape(n * r, d_in)  # a view: modules are stacked along the rank axis
+    if lora_s is None:  # plain LoRA
+        return a_cat, lora_B.transpose(0, 1).reshape(d_out, n * r) * scaling
+    s = lora_s if lora_s.dim() == 2 else lora_s[:, None].expand(n, d_out)  # (n, d_out)
+    b = lora_B * (s * scaling)[..., None]  # (n, d_out, r): row o of B_i times s_i[o]
+    return a_cat, b.transpose(0, 1).reshape(d_out, n * r)  # (d_out, n r)
+
+
+class MultiLoRALinear(nn.Module):
+    """A frozen `nn.Linear` or transformers `Conv1D` plus n fused LoRA modules of rank r.
+
+    Parameters (also the on-disk names): `lora_A` (n, r, d_in), `lora_B` (n, d_out, r),
+    `lora_s` (n, d_out) for `scale="vector"`, (n,) for `scale="scalar"`, absent for "none".
+    """
+
+    def __init__(
+        self,
+        base: nn.Module,
+        n: int = 3,
+        r: int = 8,
+        alpha: float = 16.0,
+        dropout: float = 0.0,
+        init: Init = "multilora",
+        scale: Scale = "vector",
+    ) -> None:
+        super().__init__()
+        d_in, d_out = in_out_features(base)
+        check_options(n=n, r=r, alpha=alpha, dropout=dropout, init=init, scale=scale)
+        self.base = base
+        self.n, self.r, self.alpha, self.init, self.scale = n, r, float(alpha), init, scale
+        self.d_in, self.d_out = d_in, d_out
+        self.scaling = self.alpha / r
+        self.is_conv1d = isinstance(base, Conv1D)
+        self.merged = False
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+        shapes = parameter_shapes(n, r, d_in, d_out, scale)
+        empty = lambda name: nn.Parameter(torch.empty(shapes[name], device=base.weight.device, dtype=base.weight.dtype))  # noqa: E731
+        self.lora_A, self.lora_B = empty("lora_A"), empty("lora_B")
+        self.lora_s = empty("lora_s") if "lora_s" in shapes else None
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Initialise per MULTILORA.md §2: A (and B for `multilora`) Kaiming-uniform, dW = 0."""
+        for i in range(self.n):  # init-time loop: Kaiming's fan-in must be per module
+            nn.init.kaiming_uniform_(self.lora_A[i], a=math.sqrt(5))  # fan_in = d_in
+            if self.init == "multilora":
+                nn.init.kaiming_uniform_(self.lora_B[i], a=math.sqrt(5))  # fan_in = r
+        if self.init == "lora":
+            self.lora_B.zero_()
+        if self.lora_s is not None:  # multilora: s = 0 keeps dW = 0; lora init: B = 0 does
+            self.lora_s.fill_(0.0 if self.init == "multilora" else 1.0)
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The fused factors (A_cat (n r, d_in), B_s (d_out, n r)), alpha / r included."""
+        return fuse(self.lora_A, self.lora_B, self.lora_s, self.scaling)
+
+    def delta_weight(self) -> torch.Tensor:
+        """dW in the base weight's own layout ((d_out, d_in), or (d_in, d_out) for Conv1D)."""
+        a_cat, b_s = self.factors()
+        dw = b_s @ a_cat  # (d_out, d_in)
+        return dw.T if self.is_conv1d else dw
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)  # (..., d_out)
+        if self.merged:
+            return y
+        a_cat, b_s = self.factors()
+        h = F.linear(self.dropout(x).to(a_cat.dtype), a_cat)  # (..., n r)
+        return y + F.linear(h, b_s).to(y.dtype)  # (..., d_out)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Add dW into the base weight (W <- W0 + dW); a no-op if already merged."""
+        if self.merged:
+            return
+        self._add_to_base(+1.0)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtract dW from the base weight again; a no-op if not merged."""
+        if not self.merged:
+            return
+        self._add_to_base(-1.0)
+        self.merged = False
+
+    def _add_to_base(self, sign: float) -> None:
+        w = self.base.weight
+        new = w.float() + sign * self.delta_weight().float()  # compute in float32, then cast
+        if not torch.isfinite(new).all():
+            raise MultiLoRAError(
+                "merging this adapter would put NaN/inf into the base weight "
+                "(the adapter weights are not finite); the weight was left unchanged"
+            )
+        w.copy_(new.to(w.dtype))
+
+    def extra_repr(self) -> str:
+        return (
+            f"d_in={self.d_in}, d_out={self.d_out}, n={self.n}, r={self.r}, alpha={self.alpha}, "
+            f"init={self.init}, scale={self.scale}, merged={self.merged}"
+        )
+
+
+def in_out_features(base: nn.Module) -> tuple[int, int]:
+    """(d_in, d_out) of an `nn.Linear` or a transformers `Conv1D` (whose weight is transposed)."""
+    if isinstance(base, Conv1D):  # GPT-2 style: weight is (d_in, d_out), y = x W + b
+        d_in, d_out = base.weight.shape
+    elif isinstance(base, nn.Linear):  # weight is (d_out, d_in), y = x W^T + b
+        d_out, d_in = base.weight.shape
+    else:
+        raise MultiLoRAError(f"MultiLoRA adapts nn.Linear and transformers Conv1D layers, not {type(base).__name__}")
+    return d_in, d_out
+
+
+def parameter_shapes(n: int, r: int, d_in: int, d_out: int, scale: str) -> dict[str, tuple[int, ...]]:
+    """The adapter parameters' names and shapes for one layer (the on-disk format)."""
+    shapes = {"lora_A": (n, r, d_in), "lora_B": (n, d_out, r)}
+    if scale != "none":
+        shapes["lora_s"] = (n, d_out) if scale == "vector" else (n,)
+    return shapes
+
+
+def check_options(*, n: int, r: int, alpha: float, dropout: float, init: str, scale: str) -> None:
+    """Raise MultiLoRAError naming every invalid layer option."""
+    problems = []
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        problems.append(f"n must be an integer >= 1, got {n!r}")
+    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+        problems.append(f"r must be an integer >= 1, got {r!r}")
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha) or alpha <= 0:
+        problems.append(f"alpha must be a positive number, got {alpha!r}")
+    if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+        problems.append(f"dropout must be in [0, 1), got {dropout!r}")
+    if init not in INITS:
+        problems.append(f"init must be one of {', '.join(INITS)}, got {init!r}")
+    if scale not in SCALES:
+        problems.append(f"scale must be one of {', '.join(SCALES)}, got {scale!r}")
+    elif scale == "none" and init != "lora":
+        problems.append("scale='none' needs init='lora' (without scales, a random B would make dW != 0 at step 0)")
+    if problems:
+        raise MultiLoRAError("invalid adapter options: " + "; ".join(problems))
