@@ -1,0 +1,259 @@
+"""Examples, prompt rendering, tokenization with response-only labels, padding, and the task mixture.
+
+A training example is (task, prompt, response); the loss covers the response tokens (and EOS)
+only. Prompt and response are tokenized separately, so the evaluator, which scores each choice
+as a continuation of the prompt, sees exactly the token boundary training saw.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import itertools
+import math
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+import torch
+
+from .errors import MultiLoRAError
+
+IGNORE = -100  # label of tokens that carry no loss (prompt, padding)
+STRATEGIES = ("proportional", "temperature", "uniform", "weights")
+
+
+@dataclass(frozen=True)
+class Example:
+    """One training example: the loss covers `response` (plus EOS), never `prompt`."""
+
+    task: str
+    prompt: str
+    response: str
+
+
+@dataclass(frozen=True)
+class MCItem:
+    """One multiple-choice item, scored by the log-likelihood of each choice after `prompt`.
+
+    Choices start with the separator a response would (" yes"); `group` ties the items of one
+    question together where a metric needs it (MultiRC: exact match per question).
+    """
+
+    task: str
+    prompt: str
+    choices: list[str]
+    gold: int
+    group: str | None = None
+
+    def example(self) -> Example:
+        """The training example with the same prompt: response = the gold choice."""
+        return Example(self.task, self.prompt, self.choices[self.gold])
+
+
+def data_root() -> Path:
+    """The bundled data folder: `$MULTILORA_DATA`, else `../shared/data` beside the repository."""
+    env = os.environ.get("MULTILORA_DATA")
+    if env:
+        root = Path(env).expanduser()
+        if not root.is_dir():
+            raise MultiLoRAError(f"$MULTILORA_DATA={env} is not a folder; point it at the folder "
+                                 "holding alpaca/, mmlu/ and superglue/")
+        return root
+    root = Path(__file__).resolve().parents[3] / "shared" / "data"  # src/multilora/data.py -> repo/..
+    if not root.is_dir():
+        raise MultiLoRAError(f"bundled data folder not found at {root}; set $MULTILORA_DATA to "
+                             "the folder holding alpaca/, mmlu/ and superglue/")
+    return root
+
+
+def data_file(relative: str, root: str | Path | None = None) -> Path:
+    """`root / relative` (root defaults to `data_root()`), or a MultiLoRAError if it is missing."""
+    path = Path(root if root is not None else data_root()) / relative
+    if not path.is_file():
+        raise MultiLoRAError(f"{path}: data file not found; check the data root "
+                             "(set $MULTILORA_DATA to the folder holding alpaca/, mmlu/, superglue/)")
+    return path
+
+
+def split_bucket(key: str) -> int:
+    """A stable bucket 0..99 for `key` (SHA-256, independent of file order and Python's hash seed)."""
+    return int(hashlib.sha256(key.encode("utf-8")).hexdigest()[:8], 16) % 100
+
+
+# ----------------------------------------------------------------------------- prompts and tokens
+
+
+def render(prompt: str, tokenizer: Any, chat: bool) -> str:
+    """The prompt as the model sees it: unchanged, or wrapped in the tokenizer's chat template."""
+    if not chat:
+        return prompt
+    if not getattr(tokenizer, "chat_template", None):
+        raise MultiLoRAError("chat templates are on but this tokenizer has no chat_template; "
+                             "turn chat off or use a model that ships one")
+    messages = [{"role": "user", "content": prompt}]
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def adds_bos(tokenizer: Any) -> bool:
+    """Whether the tokenizer puts a BOS token first when asked for special tokens (Llama does, GPT-2 not)."""
+    bos = tokenizer.bos_token_id
+    return bos is not None and tokenizer("a", add_special_tokens=True)["input_ids"][:1] == [bos]
+
+
+def encode_prompt(prompt: str, tokenizer: Any, chat: bool = False) -> list[int]:
+    """Token ids of the rendered prompt, with BOS first exactly when the tokenizer would add one."""
+    ids = tokenizer(render(prompt, tokenizer, chat), add_special_tokens=False)["input_ids"]
+    bos = tokenizer.bos_token_id
+    if adds_bos(tokenizer) and ids[:1] != [bos]:  # a chat template may already start with BOS
+        ids = [bos] + ids
+    return ids
+
+
+def tokenize_example(ex: Example, tokenizer: Any, max_len: int, chat: bool = False) -> dict:
+    """input_ids = prompt + response + EOS; labels = -100 on the prompt; the prompt loses its left end if too long."""
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise MultiLoRAError("the tokenizer has no eos_token; set one (tokenizer.eos_token = ...)")
+    prompt = encode_prompt(ex.prompt, tokenizer, chat)
+    response = tokenizer(ex.response, add_special_tokens=False)["input_ids"] + [eos]
+    if not prompt:
+        raise MultiLoRAError(f"task {ex.task!r}: empty prompt; every example needs prompt text")
+    keep_bos = 1 if adds_bos(tokenizer) else 0
+    room = max_len - len(response)  # tokens left for the prompt
+    if room < keep_bos + 1:
+        raise MultiLoRAError(
+            f"task {ex.task!r}: the response needs {len(response)} tokens (with EOS) and the prompt "
+            f"at least {keep_bos + 1}, but max_len is {max_len}; raise max_len or shorten the response")
+    if len(prompt) > room:  # keep BOS, drop the oldest prompt tokens
+        prompt = prompt[:keep_bos] + prompt[len(prompt) - room + keep_bos:]
+    return {"input_ids": prompt + response, "labels": [IGNORE] * len(prompt) + response, "task": ex.task}
+
+
+def collate(batch: Sequence[Mapping], pad_id: int, task_names: Sequence[str],
+            multiple_of: int = 8) -> dict[str, torch.Tensor]:
+    """Right-pad a list of `tokenize_example` outputs to a multiple of `multiple_of`; task_ids index `task_names`."""
+    if pad_id is None:
+        raise MultiLoRAError("no pad token id; pass the tokenizer's pad_token_id or, if it has none, its eos_token_id")
+    index = {name: i for i, name in enumerate(task_names)}
+    longest = max(len(row["input_ids"]) for row in batch)
+    width = -(-longest // multiple_of) * multiple_of
+    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)   # (B, T)
+    labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)      # (B, T)
+    attention_mask = torch.zeros((len(batch), width), dtype=torch.long)     # (B, T)
+    for b, row in enumerate(batch):
+        n = len(row["input_ids"])
+        input_ids[b, :n] = torch.tensor(row["input_ids"])
+        labels[b, :n] = torch.tensor(row["labels"])
+        attention_mask[b, :n] = 1
+    task_ids = torch.tensor([index[row["task"]] for row in batch], dtype=torch.long)  # (B,)
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask, "task_ids": task_ids}
+
+
+# ----------------------------------------------------------------------------- the mixture
+
+
+def mixture_probs(sizes: Mapping[str, int], strategy: str = "proportional", temperature: float = 2.0,
+                  weights: Mapping[str, float] | None = None) -> dict[str, float]:
+    """Task probabilities: proportional n_t, temperature n_t^(1/T), uniform, or explicit weights (normalised)."""
+    if not sizes:
+        raise MultiLoRAError("the mixture has no tasks; name at least one task")
+    empty = [t for t, n in sizes.items() if n <= 0]
+    if empty:
+        raise MultiLoRAError(f"task(s) {', '.join(empty)} have no examples; remove them from the mixture "
+                             "or check their data")
+    if strategy not in STRATEGIES:
+        raise MultiLoRAError(f"unknown mixture strategy {strategy!r}; use one of {', '.join(STRATEGIES)}")
+    if weights is not None and strategy != "weights":
+        raise MultiLoRAError(f"mixture weights given but strategy is {strategy!r}; set strategy: weights")
+    if strategy == "proportional":
+        raw = {t: float(n) for t, n in sizes.items()}
+    elif strategy == "temperature":
+        if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+            raise MultiLoRAError(f"mixture temperature must be a positive number, got {temperature!r}")
+        raw = {t: float(n) ** (1.0 / temperature) for t, n in sizes.items()}
+    elif strategy == "uniform":
+        raw = {t: 1.0 for t in sizes}
+    else:
+        weights = weights or {}
+        unknown = sorted(set(weights) - set(sizes))
+        missing = [t for t in sizes if t not in weights]
+        bad = [f"{t}={w!r}" for t, w in weights.items()
+               if not (isinstance(w, (int, float)) and math.isfinite(w) and w > 0)]
+        problems = []
+        if unknown:
+            problems.append(f"unknown task(s) in weights: {', '.join(unknown)} (mixture tasks: {', '.join(sizes)})")
+        if missing:
+            problems.append(f"no weight for {', '.join(missing)}")
+        if bad:
+            problems.append(f"weights must be positive numbers: {', '.join(bad)}")
+        if problems:
+            raise MultiLoRAError("; ".join(problems) + "; give one positive weight per mixture task")
+        raw = {t: float(weights[t]) for t in sizes}
+    total = sum(raw.values())
+    return {t: v / total for t, v in raw.items()}
+
+
+def _uniform(seed: int, n: int) -> float:
+    """The n-th number in [0, 1) of the stream `seed` (a hash, so any position is computed directly)."""
+    digest = hashlib.blake2b(f"{seed}:{n}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2.0**64
+
+
+class MixtureSampler:
+    """Endless, seeded stream of (task, index) draws; resumable from `state_dict()`.
+
+    Draw n picks task t with probability p_t (see `mixture_probs`) from a hash of (seed, n);
+    within a task, indices follow a fresh seeded permutation each epoch over that task.
+    The state is the seed, the number of draws and the per-task counts.
+    """
+
+    def __init__(self, sizes: Mapping[str, int], strategy: str = "proportional", temperature: float = 2.0,
+                 weights: Mapping[str, float] | None = None, seed: int = 0) -> None:
+        self.sizes = dict(sizes)
+        self.probs = mixture_probs(self.sizes, strategy, temperature, weights)
+        self.tasks = list(self.sizes)
+        self._cum = list(itertools.accumulate(self.probs[t] for t in self.tasks))
+        self.seed = int(seed)
+        self.draws = 0
+        self.counts = {t: 0 for t in self.tasks}
+        self._perm: dict[str, tuple[int, list[int]]] = {}  # task -> (epoch, permutation)
+
+    def __iter__(self) -> Iterator[tuple[str, int]]:
+        return self
+
+    def __next__(self) -> tuple[str, int]:
+        i = min(bisect.bisect_right(self._cum, _uniform(self.seed, self.draws)), len(self.tasks) - 1)
+        task = self.tasks[i]
+        epoch, pos = divmod(self.counts[task], self.sizes[task])
+        if self._perm.get(task, (None,))[0] != epoch:
+            order = list(range(self.sizes[task]))
+            random.Random(f"{self.seed}:{task}:{epoch}").shuffle(order)
+            self._perm[task] = (epoch, order)
+        self.counts[task] += 1
+        self.draws += 1
+        return task, self._perm[task][1][pos]
+
+    def state_dict(self) -> dict:
+        """The position in the stream (JSON-serialisable)."""
+        return {"seed": self.seed, "draws": self.draws, "counts": dict(self.counts),
+                "sizes": dict(self.sizes), "probs": dict(self.probs)}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        """Continue the stream saved by `state_dict()`; the mixture must be the same."""
+        same = dict(state["sizes"]) == self.sizes and all(
+            math.isclose(state["probs"].get(t, -1.0), p, rel_tol=1e-9) for t, p in self.probs.items())
+        if not same:
+            raise MultiLoRAError(f"the saved sampler state mixes {dict(state['sizes'])} with probabilities "
+                                 f"{state['probs']}, this run {self.sizes} with {self.probs}; resume with "
+                                 "the same tasks, data and mixture settings")
+        self.seed, self.draws = int(state["seed"]), int(state["draws"])
+        self.counts = {t: int(state["counts"][t]) for t in self.tasks}
+        self._perm = {}
+
+
+def demo_mixture() -> list[str]:
+    """The demo's training tasks, as in the paper: Alpaca, MMLU (trains on val, evaluates on test), BoolQ, RTE, WiC."""
+    return ["alpaca", "mmlu", "boolq", "rte", "wic"]

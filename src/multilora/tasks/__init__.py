@@ -1,0 +1,108 @@
+"""The task registry: every bundled task by name, with its splits, source and loaders.
+
+    load_examples("rte")          # training examples of the task's train split
+    load_items("mmlu", k=5)       # evaluation items of its eval split, 5-shot
+    list_tasks()                  # name, rows per split, source (for `multilora tasks`)
+
+Loaders take the split and `root` (the data folder; default `multilora.data.data_root()`).
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable
+
+from ..data import Example, MCItem
+from ..errors import MultiLoRAError
+from . import alpaca, mmlu, superglue
+from .custom import load_custom, load_custom_items
+
+__all__ = ["TASKS", "TaskInfo", "get_task", "list_tasks", "load_examples", "load_items",
+           "load_custom", "load_custom_items"]
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    """What the registry knows about a task: its splits, where it comes from, how to load it."""
+
+    name: str
+    family: str  # "instruction", "knowledge" or "nlu" (the paper's three groups)
+    splits: tuple[str, ...]
+    train_split: str
+    eval_split: str
+    source: str  # relative to the data root
+    examples: Callable[..., list[Example]] = field(repr=False)  # (split, root=None, **options)
+    items: Callable[..., list[MCItem]] | None = field(repr=False)  # None: evaluated by perplexity
+    note: str = ""
+
+
+def _registry() -> dict[str, TaskInfo]:
+    tasks = {"alpaca": TaskInfo(
+        "alpaca", "instruction", alpaca.SPLITS, "train", "val", alpaca.FILE, alpaca.examples, None,
+        f"split by prompt hash: {alpaca.VAL_PERCENT}% val; evaluated by response perplexity")}
+    mmlu_note = "train on val (0-shot), evaluate on test; k-shot prompts from dev"
+    tasks["mmlu"] = TaskInfo("mmlu", "knowledge", mmlu.SPLITS, "val", "test", "mmlu/<split>/*.csv",
+                             mmlu.examples, mmlu.items, mmlu_note)
+    for subject in mmlu.SUBJECTS:
+        name = f"mmlu_{subject}"
+        tasks[name] = TaskInfo(name, "knowledge", mmlu.SPLITS, "val", "test",
+                               f"mmlu/<split>/{subject}_<split>.csv", partial(mmlu.examples, subject=subject),
+                               partial(mmlu.items, subject=subject), mmlu_note)
+    for name in superglue.TASKS:
+        note = (f"split from val.jsonl by passage hash: {superglue.BOOLQ_VAL_PERCENT}% val"
+                if name == "boolq" else "val is the SuperGLUE validation set")
+        tasks[name] = TaskInfo(name, "nlu", superglue.SPLITS, "train", "val",
+                               superglue.source(name, "<split>"), partial(superglue.examples, name),
+                               partial(superglue.items, name), note)
+    return tasks
+
+
+TASKS: dict[str, TaskInfo] = _registry()
+
+
+def get_task(name: str) -> TaskInfo:
+    """The registry entry for `name`, or a MultiLoRAError listing the known tasks."""
+    if name in TASKS:
+        return TASKS[name]
+    close = difflib.get_close_matches(name, TASKS, n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    known = [n for n in TASKS if not n.startswith("mmlu_")] + ["mmlu_<subject>"]
+    raise MultiLoRAError(f"unknown task {name!r}; {hint}known tasks: {', '.join(known)} "
+                         "(`multilora tasks` lists the MMLU subjects)")
+
+
+def load_examples(name: str, split: str | None = None, root: str | Path | None = None,
+                  **options: Any) -> list[Example]:
+    """Training examples of a task (default split: its train split); never empty."""
+    info = get_task(name)
+    out = info.examples(split or info.train_split, root=root, **options)
+    if not out:
+        raise MultiLoRAError(f"task {name!r} split {split or info.train_split!r} has no examples; check its data")
+    return out
+
+
+def load_items(name: str, split: str | None = None, root: str | Path | None = None,
+               **options: Any) -> list[MCItem]:
+    """Multiple-choice items of a task (default split: its eval split); never empty."""
+    info = get_task(name)
+    if info.items is None:
+        raise MultiLoRAError(f"task {name!r} has no multiple-choice items; it is evaluated by response perplexity")
+    out = info.items(split or info.eval_split, root=root, **options)
+    if not out:
+        raise MultiLoRAError(f"task {name!r} split {split or info.eval_split!r} has no items; check its data")
+    return out
+
+
+def list_tasks(root: str | Path | None = None, subjects: bool = False) -> list[dict]:
+    """One row per task: name, family, rows per split, source, note (MMLU subjects only if `subjects`)."""
+    rows = []
+    for info in TASKS.values():
+        if info.name.startswith("mmlu_") and not subjects:
+            continue
+        counts = {split: len(info.examples(split, root=root)) for split in info.splits}
+        rows.append({"name": info.name, "family": info.family, "rows": counts,
+                     "source": info.source, "note": info.note})
+    return rows

@@ -1,0 +1,198 @@
+"""The user's own data (JSONL, JSON, CSV, or a local Hugging Face `datasets` folder) as a task.
+
+Also the readers every task module uses: each row comes with its location ("file:line") so
+that any problem with it is reported where it is.
+
+Prompt, response and choices are used verbatim (as in TRL's prompt-completion format): put the
+separator you want between prompt and response into the data, e.g. a response " yes".
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+from ..data import Example, MCItem
+from ..errors import MultiLoRAError
+
+Row = tuple[str, dict]  # (location such as "data.jsonl:12", the row's fields)
+
+
+def read_rows(path: str | Path, fieldnames: Sequence[str] | None = None) -> list[Row]:
+    """Rows of a .jsonl, .json (list of objects, or JSON lines) or .csv file (header row unless `fieldnames`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise MultiLoRAError(f"{path}: file not found; check the path")
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        rows = _read_jsonl(path)
+    elif suffix == ".json":
+        rows = _read_json(path)
+    elif suffix == ".csv":
+        rows = _read_csv(path, fieldnames)
+    else:
+        raise MultiLoRAError(f"{path}: unsupported file type {suffix!r}; use .jsonl, .json or .csv")
+    if not rows:
+        raise MultiLoRAError(f"{path}: no rows, so the task would be empty; add data or drop the task")
+    return rows
+
+
+def _read_jsonl(path: Path) -> list[Row]:
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise MultiLoRAError(f"{path}:{n}: malformed JSON ({e.msg}, column {e.colno}); "
+                                     "fix or remove that line") from None
+            if not isinstance(row, dict):
+                raise MultiLoRAError(f"{path}:{n}: expected a JSON object per line, got {type(row).__name__}")
+            rows.append((f"{path}:{n}", row))
+    return rows
+
+
+def _read_json(path: Path) -> list[Row]:
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        if e.msg == "Extra data":  # one object per line under a .json name
+            return _read_jsonl(path)
+        raise MultiLoRAError(f"{path}:{e.lineno}: malformed JSON ({e.msg}, column {e.colno}); fix the file") from None
+    if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+        raise MultiLoRAError(f"{path}: expected a JSON list of objects (or one object per line)")
+    return [(f"{path}[{i}]", row) for i, row in enumerate(data)]
+
+
+def _read_csv(path: Path, fieldnames: Sequence[str] | None) -> list[Row]:
+    rows = []
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.reader(f)
+        start = 1
+        for record in reader:
+            where, start = f"{path}:{start}", reader.line_num + 1  # a quoted field may span lines
+            if fieldnames is None:
+                fieldnames = record  # the header row
+                continue
+            if len(record) != len(fieldnames):
+                raise MultiLoRAError(f"{where}: expected {len(fieldnames)} columns ({', '.join(fieldnames)}), "
+                                     f"got {len(record)}; fix the row's quoting or column count")
+            rows.append((where, dict(zip(fieldnames, record))))
+    return rows
+
+
+def need(row: dict, field: str, where: str, types: tuple[type, ...] = (str,)) -> Any:
+    """`row[field]`, or a MultiLoRAError naming the field and the fields present (or the wrong type)."""
+    if field not in row:
+        present = ", ".join(map(str, row)) or "none"
+        raise MultiLoRAError(f"{where}: missing field {field!r} (fields present: {present}); "
+                             "fix the data or map the right field")
+    value = row[field]
+    if not isinstance(value, types):
+        want = " or ".join(t.__name__ for t in types)
+        raise MultiLoRAError(f"{where}: field {field!r} must be {want}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def label_index(value: Any, labels: Sequence[Any], where: str, field: str = "label") -> int:
+    """Index of `value` in the label set `labels`, or a MultiLoRAError listing the allowed labels."""
+    for i, label in enumerate(labels):
+        if value == label and type(value) is type(label):
+            return i
+    allowed = ", ".join(json.dumps(label) for label in labels)
+    raise MultiLoRAError(f"{where}: {field} {json.dumps(value)} is not in the label set ({allowed}); fix the row")
+
+
+def check_split(task: str, split: str, splits: Sequence[str]) -> None:
+    """A MultiLoRAError unless `split` is one of the task's splits."""
+    if split not in splits:
+        raise MultiLoRAError(f"task {task!r} has splits {', '.join(splits)}; got {split!r}")
+
+
+# ----------------------------------------------------------------------------- user tasks
+
+
+def custom_rows(source: str | Path, split: str = "train") -> list[Row]:
+    """Rows of a data file, or of `split` of a local `datasets` folder (save_to_disk or data files)."""
+    path = Path(source).expanduser()
+    if path.is_file():
+        return read_rows(path)
+    if not path.is_dir():
+        raise MultiLoRAError(
+            f"{source!r} is not a local file or folder, and this machine is offline so Hugging Face hub "
+            "datasets cannot be downloaded; pass a .jsonl/.json/.csv file or a folder saved with "
+            "datasets' save_to_disk")
+    import datasets  # only for folders: importing it is slow
+
+    try:
+        if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
+            data = datasets.load_from_disk(str(path))
+        else:
+            data = datasets.load_dataset(str(path))
+    except Exception as e:  # datasets raises many types for an unreadable folder
+        raise MultiLoRAError(f"{path}: could not load it with datasets ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else ''}); check the folder's files") from None
+    if isinstance(data, datasets.DatasetDict):
+        if split not in data:
+            raise MultiLoRAError(f"{path}: no split {split!r}; it has {', '.join(data)}")
+        data = data[split]
+    rows = [(f"{path}[{split}] row {i}", dict(row)) for i, row in enumerate(data)]
+    if not rows:
+        raise MultiLoRAError(f"{path}[{split}]: no rows, so the task would be empty; add data or drop the task")
+    return rows
+
+
+def _choices(row: dict, field: str, where: str) -> list[str]:
+    value = need(row, field, where, (list, str))
+    if isinstance(value, str):  # CSV: a JSON list in one cell
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            value = None
+    if not isinstance(value, list) or len(value) < 2 or not all(isinstance(c, str) for c in value):
+        raise MultiLoRAError(f"{where}: field {field!r} must be a list of at least 2 strings "
+                             '(in a CSV cell: a JSON list such as ["yes", "no"])')
+    return value
+
+
+def _gold(row: dict, field: str, choices: list[str], where: str) -> int:
+    value = need(row, field, where, (int, str))
+    if isinstance(value, str) and value in choices:
+        return choices.index(value)
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        value = int(value)
+    if isinstance(value, int) and 0 <= value < len(choices):
+        return value
+    raise MultiLoRAError(f"{where}: {field} {value!r} is outside the label set (an index 0..{len(choices) - 1} "
+                         f"or one of {choices}); fix the row")
+
+
+def load_custom_items(source: str | Path, prompt_field: str, choices_field: str, label_field: str,
+                      task_name: str | None = None, split: str = "train") -> list[MCItem]:
+    """Multiple-choice items from the user's data: label = index into the choices, or the choice text."""
+    task = task_name or Path(source).stem
+    items = []
+    for where, row in custom_rows(source, split):
+        choices = _choices(row, choices_field, where)
+        items.append(MCItem(task, need(row, prompt_field, where), choices,
+                            _gold(row, label_field, choices, where)))
+    return items
+
+
+def load_custom(source: str | Path, prompt_field: str, response_field: str | None = None,
+                choices_field: str | None = None, label_field: str | None = None,
+                task_name: str | None = None, split: str = "train") -> list[Example]:
+    """Training examples from the user's data: prompt -> response, or prompt -> the gold choice."""
+    task = task_name or Path(source).stem
+    if response_field is not None:
+        return [Example(task, need(row, prompt_field, where), need(row, response_field, where))
+                for where, row in custom_rows(source, split)]
+    if choices_field is None or label_field is None:
+        raise MultiLoRAError(f"custom task {task!r}: give response_field, or choices_field and label_field")
+    return [item.example() for item in
+            load_custom_items(source, prompt_field, choices_field, label_field, task, split)]
