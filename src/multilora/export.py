@@ -20,7 +20,6 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from . import __version__
 from .checkpoint import read_adapter
 from .errors import MultiLoRAError
 from .inject import adapter_modules, linear_layers
@@ -75,7 +74,6 @@ def export_peft(
         "inference_mode": True,
         "modules_to_save": None,
         "revision": None,
-        "exported_by": f"multilora {__version__}",
     }
     out = Path(out_dir)
     with atomic_path(out / PEFT_WEIGHTS_NAME) as tmp:
