@@ -1,0 +1,117 @@
+"""The `multilora` command line: one sub-command per job, each a thin shell over the library.
+
+Problems a user can fix (MultiLoRAError, bad arguments) print one line and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from . import __version__
+from .errors import MultiLoRAError
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    """Export an adapter folder as a PEFT LoRA adapter or as a merged full model."""
+    from .export import export_peft
+
+    if args.format == "peft":
+        out = export_peft(args.adapter, args.out, base_model_name_or_path=args.model)
+        print(f"wrote PEFT LoRA adapter to {out} (load it with peft.PeftModel.from_pretrained)")
+        return
+    from .checkpoint import load_adapter, read_adapter
+    from .inject import unload
+    from .models import load_model
+
+    meta, _ = read_adapter(args.adapter)
+    model_name = args.model or meta.get("base_model", {}).get("name_or_path")
+    if not model_name:
+        raise MultiLoRAError("the adapter does not record its base model; pass --model PATH")
+    model, tokenizer = load_model(model_name)
+    unload(load_adapter(model, args.adapter))  # merge into the base weights, drop the adapter layers
+    out = Path(args.out)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    print(f"wrote merged model to {out} (load it with AutoModelForCausalLM.from_pretrained)")
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    """Run the end-to-end example on the embedded model."""
+    from .demo import run_demo
+
+    run_demo(out_dir=args.out, steps=args.steps, model_name=args.model)
+
+
+def cmd_tasks(args: argparse.Namespace) -> None:
+    """Print the task registry: name, family, rows per split, source."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from .tasks import list_tasks
+
+    table = Table(title="multilora tasks (data: $MULTILORA_DATA or ../shared/data)")
+    for col in ("task", "family", "rows per split", "source", "note"):
+        table.add_column(col)
+    for row in list_tasks(subjects=args.subjects):
+        splits = ", ".join(f"{k} {v:,}" for k, v in row["rows"].items())
+        table.add_row(row["name"], row["family"], splits, row["source"], row["note"])
+    Console().print(table)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the `multilora` command."""
+    parser = argparse.ArgumentParser(
+        prog="multilora",
+        description="Multi-task fine-tuning of Hugging Face causal LMs with MultiLoRA "
+        "(fused layer, merge, safetensors adapters, PEFT export).",
+    )
+    parser.add_argument("--version", action="version", version=f"multilora {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("demo", help="end-to-end example on the embedded SmolLM2-135M (CPU, minutes)",
+                       description="Inject MultiLoRA into the embedded SmolLM2-135M, train a few steps on "
+                       "bundled Alpaca + RTE examples, compare held-out loss, merge, save and export to PEFT.")
+    p.add_argument("--out", default=None, help="output folder (default: runs/demo-<date>)")
+    p.add_argument("--steps", type=int, default=30, help="training steps (default: 30)")
+    p.add_argument("--model", default="smollm2-135m", help="base model: 'smollm2-135m' or a local folder")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("tasks", help="list the bundled tasks with their splits and sizes",
+                       description="List the bundled tasks (Alpaca, MMLU, SuperGLUE) with rows per split.")
+    p.add_argument("--subjects", action="store_true", help="also list the 57 MMLU subjects as tasks")
+    p.set_defaults(func=cmd_tasks)
+
+    p = sub.add_parser("export", help="export an adapter folder to PEFT LoRA or to a merged model",
+                       description="Export an adapter folder (adapter.safetensors + adapter_config.json). "
+                       "--format peft writes a rank n*r PEFT LoRA adapter (lossless); --format merged "
+                       "writes a full model folder with the update merged into the weights.")
+    p.add_argument("adapter", help="adapter folder written by multilora")
+    p.add_argument("--format", choices=["peft", "merged"], default="peft", help="output format (default: peft)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--model", default=None, help="base model (default: the one recorded in the adapter)")
+    p.set_defaults(func=cmd_export)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `multilora` console script; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        args.func(args)
+    except MultiLoRAError as e:
+        print(f"multilora {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"multilora {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
