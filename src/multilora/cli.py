@@ -60,6 +60,13 @@ def cmd_tasks(args: argparse.Namespace) -> None:
     Console().print(table)
 
 
+def cmd_analyze(args: argparse.Namespace) -> None:
+    """Singular-value spectra of the learned updates of one or more runs."""
+    from .analyze import run_analyze_cli
+
+    run_analyze_cli(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the `multilora` command."""
     parser = argparse.ArgumentParser(
@@ -82,6 +89,14 @@ def build_parser() -> argparse.ArgumentParser:
                        description="List the bundled tasks (Alpaca, MMLU, SuperGLUE) with rows per split.")
     p.add_argument("--subjects", action="store_true", help="also list the 57 MMLU subjects as tasks")
     p.set_defaults(func=cmd_tasks)
+
+    from .analyze import add_analyze_arguments
+
+    p = sub.add_parser("analyze", help="singular-value spectra of the learned updates dW, with plots",
+                       description="Singular values of each adapted layer's update dW (exact, via QR for "
+                       "LoRA/MultiLoRA; dense for full fine-tuning), metrics, plots and summary.md.")
+    add_analyze_arguments(p)
+    p.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser("export", help="export an adapter folder to PEFT LoRA or to a merged model",
                        description="Export an adapter folder (adapter.safetensors + adapter_config.json). "
