@@ -90,6 +90,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--subjects", action="store_true", help="also list the 57 MMLU subjects as tasks")
     p.set_defaults(func=cmd_tasks)
 
+    from .evaluate import add_eval_arguments, run_eval_cli
+
+    p = sub.add_parser("eval", help="per-task scores of a run, adapter, PEFT adapter or model",
+                       description="Evaluate a run folder, adapter folder, PEFT adapter, model folder or "
+                       "'smollm2-135m': multiple choice by log-likelihood (MMLU, SuperGLUE), Alpaca "
+                       "response perplexity; prints a table with chance levels and writes eval.json.")
+    add_eval_arguments(p)
+    p.set_defaults(func=run_eval_cli)
+
     from .analyze import add_analyze_arguments
 
     p = sub.add_parser("analyze", help="singular-value spectra of the learned updates dW, with plots",
