@@ -38,10 +38,11 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    """Run the end-to-end example on the embedded model."""
+    """Run the paper's study at small scale on the embedded model."""
     from .demo import run_demo
 
-    run_demo(out_dir=args.out, steps=args.steps, model_name=args.model)
+    run_demo(out_dir=args.out, steps=args.steps, seeds=args.seeds, quick=args.quick, model_name=args.model,
+             eval_limit=args.limit)
 
 
 def cmd_tasks(args: argparse.Namespace) -> None:
@@ -77,11 +78,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"multilora {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = sub.add_parser("demo", help="end-to-end example on the embedded SmolLM2-135M (CPU, minutes)",
-                       description="Inject MultiLoRA into the embedded SmolLM2-135M, train a few steps on "
-                       "bundled Alpaca + RTE examples, compare held-out loss, merge, save and export to PEFT.")
-    p.add_argument("--out", default=None, help="output folder (default: runs/demo-<date>)")
-    p.add_argument("--steps", type=int, default=30, help="training steps (default: 30)")
+    from .demo import DEFAULT_STEPS, EVAL_LIMIT, QUICK_EVAL_LIMIT, QUICK_STEPS
+
+    p = sub.add_parser("demo", help="the paper's study at small scale: LoRA vs MultiLoRA vs full fine-tuning, "
+                       "on the embedded SmolLM2-135M, CPU, minutes",
+                       description="Train LoRA (r=24), MultiLoRA (n=3, r=8) and full fine-tuning on the paper's "
+                       "task mixture (Alpaca + MMLU + BoolQ/RTE/WiC) with the same data and budget, evaluate them "
+                       "and the base model on every task, analyze the spectra of the updates, and write report.md.")
+    p.add_argument("--out", default=None, help="output folder (default: runs/demo-<date>); must not exist yet")
+    p.add_argument("--steps", type=int, default=None,
+                   help=f"training steps per method (default: {DEFAULT_STEPS}; {QUICK_STEPS} with --quick)")
+    p.add_argument("--seeds", type=int, default=1, help="seeds per method; >= 2 gives mean ± std (default: 1)")
+    p.add_argument("--limit", type=int, default=None,
+                   help=f"evaluation items per task (default: {EVAL_LIMIT}; {QUICK_EVAL_LIMIT} with --quick)")
+    p.add_argument("--quick", action="store_true", help="a smoke run: few steps and items (about 2 minutes)")
     p.add_argument("--model", default="smollm2-135m", help="base model: 'smollm2-135m' or a local folder")
     p.set_defaults(func=cmd_demo)
 

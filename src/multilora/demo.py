@@ -1,155 +1,220 @@
-"""`multilora demo`: an end-to-end run on the embedded SmolLM2-135M, on a CPU, in minutes.
+"""`multilora demo`: the paper's study at small scale, on a CPU, with the embedded SmolLM2-135M.
 
-Loads the model, injects MultiLoRA (n = 3, r = 8) into the attention projections, trains a few
-steps on a mixture of bundled Alpaca (instruction following) and RTE (NLU) examples, compares
-held-out loss per task before and after, then checks what a user relies on afterwards: merged
-logits equal unmerged ones, the saved adapter reloads bit-exactly, and the PEFT export
-reproduces the logits under `peft`.
+    1. the paper's mixture: Alpaca (instruction following) + MMLU (knowledge) + BoolQ/RTE/WiC (NLU)
+    2. train LoRA (r = 24), MultiLoRA (n = 3, r = 8: the same total rank) and full fine-tuning,
+       with the same batches, schedule and budget
+    3. evaluate the base model and the three runs on every task's held-out split
+    4. analyze the three updates' singular-value spectra
+    5. write report.md (tables, plots, and a verdict on the paper's two claims computed from them)
+
+Each stage is the library's own command (train, evaluate, analyze), so the demo is also an example
+of using them from Python. `recipes/demo-*.yaml` hold the same training configs.
 """
 
 from __future__ import annotations
 
 import datetime
-import math
+import statistics
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from .checkpoint import load_adapter, save_adapter
-from .data import MixtureSampler, collate, tokenize_example
-from .export import export_peft
-from .inject import MultiLoRAConfig, adapter_parameters, inject, merge, unmerge
+from .config import TrainConfig, config_from_dict
+from .errors import MultiLoRAError
 from .io import write_json_atomic
-from .models import DEFAULT_MODEL, load_model
-from .tasks import get_task, load_examples
+from .models import DEFAULT_MODEL
 
-TASKS = ("alpaca", "rte")
-MAX_LEN = 128
-BATCH = 4
-EVAL_PER_TASK = 16
-
-
-def fitting(examples: list, tokenizer, limit: int) -> list[dict]:
-    """The first `limit` examples tokenized, skipping those whose response needs more than MAX_LEN tokens."""
-    rows = []
-    for ex in examples:
-        if len(rows) == limit:
-            break
-        if len(tokenizer(ex.response, add_special_tokens=False)["input_ids"]) < MAX_LEN // 2:
-            rows.append(tokenize_example(ex, tokenizer, MAX_LEN))
-    return rows
+TASKS = ["alpaca", "mmlu", "boolq", "rte", "wic"]
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+METHODS = ("lora", "multilora", "full")
+DEFAULT_STEPS = 40
+QUICK_STEPS = 6
+EVAL_LIMIT = 40  # items per task (per MMLU subject: 1), a few minutes per model on 2 cores
+QUICK_EVAL_LIMIT = 8
+MMLU_SUBJECTS_SHARE = 20  # MMLU's limit is per subject (57 of them): use limit // 20 per subject
+STEP_WEIGHT, EVAL_WEIGHT = 1.0, 8.0  # rough cost of a training step vs evaluating one task, for the ETA
 
 
-@torch.no_grad()
-def heldout_loss(model: torch.nn.Module, batches: list[dict], n_tasks: int) -> list[float]:
-    """Mean response-token loss per task over fixed held-out batches."""
-    total, count = torch.zeros(n_tasks), torch.zeros(n_tasks)
-    for b in batches:
-        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits  # (B, T, V)
-        labels = b["labels"][:, 1:]  # (B, T-1): token t predicts label t+1
-        nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels, reduction="none")  # (B, T-1)
-        mask = (labels != -100).float()
-        total.index_add_(0, b["task_ids"], (nll * mask).sum(1))
-        count.index_add_(0, b["task_ids"], mask.sum(1))
-    return (total / count.clamp(min=1)).tolist()
+def demo_config(method: str, out_dir: str | Path, steps: int = DEFAULT_STEPS, seed: int = 0,
+                model: str = DEFAULT_MODEL) -> TrainConfig:
+    """The training config of one arm of the study (the same as recipes/demo-<method>.yaml)."""
+    adapter = {
+        "lora": {"n": 1, "r": 24, "alpha": 48, "init": "lora", "scale": "none", "targets": TARGETS},
+        "multilora": {"n": 3, "r": 8, "alpha": 16, "init": "multilora", "scale": "vector", "targets": TARGETS},
+        "full": {},
+    }[method]
+    return config_from_dict({
+        "model": model,
+        "method": method,
+        **({"adapter": adapter} if adapter else {}),
+        "data": {"tasks": TASKS, "mixture": "temperature", "temperature": 2.0, "max_len": 128, "chat": False,
+                 "eval_examples": 0},
+        "optim": {"lr": 3e-5 if method == "full" else 3e-4, "weight_decay": 0.0, "warmup_steps": max(1, steps // 10),
+                  "schedule": "cosine", "grad_clip": 1.0},
+        "train": {"batch_size": 4, "grad_accum": 1, "max_steps": steps, "seed": seed, "eval_every": 0,
+                  "save_every": 0, "keep_last": 1},
+        "output_dir": str(out_dir),
+    })
 
 
-def run_demo(out_dir: str | None = None, steps: int = 30, model_name: str = DEFAULT_MODEL, lr: float = 1e-3,
-             seed: int = 0) -> Path:
-    """Run the end-to-end example and write adapter, PEFT export and summary.json to `out_dir`."""
-    console = Console()
+def run_demo(out_dir: str | Path | None = None, steps: int | None = None, seeds: int = 1, quick: bool = False,
+             model_name: str = DEFAULT_MODEL, eval_limit: int | None = None) -> Path:
+    """Run the whole study into `out_dir` (default runs/demo-<date>) and return the report's path."""
+    from .analyze import analyze
+    from .evaluate import evaluate, resolve_target
+    from .train import read_metrics, train
+
+    if seeds < 1:
+        raise MultiLoRAError(f"--seeds must be >= 1, got {seeds}")
+    steps = steps or (QUICK_STEPS if quick else DEFAULT_STEPS)
+    if steps < 1:
+        raise MultiLoRAError(f"--steps must be >= 1, got {steps}")
+    limit = eval_limit or (QUICK_EVAL_LIMIT if quick else EVAL_LIMIT)
     out = Path(out_dir or f"runs/demo-{datetime.date.today().isoformat()}")
-    torch.manual_seed(seed)
-    t0 = time.perf_counter()
-    console.print(f"[bold]1/5[/] loading {model_name}")
-    model, tokenizer = load_model(model_name)
-    t_load = time.perf_counter() - t0
+    if out.exists() and any(out.iterdir()):
+        raise MultiLoRAError(f"{out} already exists and is not empty; pass another --out (runs are never overwritten)")
+    console = Console()
+    t_start = time.perf_counter()
+    t_convert = _prepare_model(model_name, console)
 
-    # examples whose response does not fit MAX_LEN are skipped here (never truncated)
-    train = {t: fitting(load_examples(t, "train"), tokenizer, 256) for t in TASKS}
-    held = {t: fitting(load_examples(t, get_task(t).eval_split), tokenizer, EVAL_PER_TASK) for t in TASKS}
-    pad = tokenizer.pad_token_id
-    eval_rows = [row for t in TASKS for row in held[t]]
-    eval_batches = [collate(eval_rows[i:i + 8], pad, TASKS) for i in range(0, len(eval_rows), 8)]
-    before = heldout_loss(model, eval_batches, len(TASKS))
-
-    config = MultiLoRAConfig(n=3, r=8, alpha=16, targets=["q_proj", "k_proj", "v_proj", "o_proj"])
-    summary = inject(model, config)
-    console.print(f"[bold]2/5[/] {summary}")
-    sampler = MixtureSampler({t: len(v) for t, v in train.items()}, strategy="uniform", seed=seed)
-    params = list(adapter_parameters(model).values())
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    model.train()
-    losses, tokens, t_train = [], 0, time.perf_counter()
-    for step in range(steps):
-        batch = collate([train[t][i] for t, i in (next(sampler) for _ in range(BATCH))], pad, TASKS)
-        loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-        tokens += int(batch["attention_mask"].sum())
-        console.print(f"  step {step + 1:>3}/{steps}  loss {loss.item():.3f}  "
-                      f"{tokens / (time.perf_counter() - t_train):.0f} tok/s", highlight=False)
-    t_train = time.perf_counter() - t_train
-    model.eval()
-    after = heldout_loss(model, eval_batches, len(TASKS))
-
-    console.print("[bold]3/5[/] merge, save, reload, export")
-    probe = eval_batches[0]["input_ids"][:2]
-    with torch.no_grad():
-        unmerged = model(probe).logits
-        merge(model)
-        merged = model(probe).logits
-        unmerge(model)
-    merge_err = ((merged - unmerged).abs().max() / unmerged.abs().max()).item()
-    save_adapter(model, out / "adapter")
-    reloaded = load_adapter(load_model(model_name)[0], out / "adapter")
-    with torch.no_grad():
-        reload_exact = torch.equal(reloaded(probe).logits, unmerged)
-    export_peft(model, out / "peft", base_model_name_or_path=model_name)
-    peft_err = _peft_error(model_name, out / "peft", probe, unmerged)
-
-    result = {
-        "model": model_name, "tasks": list(TASKS), "steps": steps, "batch": BATCH, "max_len": MAX_LEN, "lr": lr,
-        "adapter": {**config.layer_options(), "targets": config.targets, "modules": len(summary.modules),
-                    "trainable": summary.trainable, "share": summary.share},
-        "heldout_loss_before": dict(zip(TASKS, before)), "heldout_loss_after": dict(zip(TASKS, after)),
-        "train_loss": losses, "train_seconds": t_train, "tokens_per_second": tokens / t_train,
-        "load_seconds": t_load, "merge_rel_error": merge_err, "reload_bit_exact": reload_exact,
-        "peft_rel_error": peft_err,
+    study: dict[str, Any] = {
+        "model": model_name, "tasks": TASKS, "eval_tasks": TASKS, "steps": steps, "seeds": list(range(seeds)),
+        "batch_size": 4, "max_len": 128, "mixture": "temperature (T = 2)", "eval_limit": limit,
+        "mmlu_per_subject": max(1, limit // MMLU_SUBJECTS_SHARE),
+        "methods": {m: {"trainable": 0, "share": 0.0, "seconds": [], "runs": [], "train_loss": [], "lr": 0.0}
+                    for m in METHODS},
+        "evals": {}, "data_sizes": {},
     }
-    write_json_atomic(out / "summary.json", result)
-    _print_summary(console, result, out)
-    return out
+    n_models = 1 + len(METHODS) * seeds
+    total = len(METHODS) * seeds * steps * STEP_WEIGHT + n_models * len(TASKS) * EVAL_WEIGHT + EVAL_WEIGHT
+    columns = [TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+               TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]
+    timings = {"convert": t_convert, "train": 0.0, "eval": 0.0, "analyze": 0.0}
+    with Progress(*columns, console=console, transient=False) as progress:
+        bar = progress.add_task("starting", total=total)
+
+        def stage(text: str) -> None:
+            progress.update(bar, description=text)
+
+        for seed in range(seeds):  # 2. training
+            for method in METHODS:
+                config = demo_config(method, out / f"{method}-seed{seed}", steps, seed, model_name)
+                stage(f"train {method} (seed {seed}): step 0/{steps}")
+                t0 = time.perf_counter()
+                on_step = lambda step, model, record, m=method: (  # noqa: E731
+                    progress.update(bar, advance=STEP_WEIGHT, description=f"train {m} (seed {seed}): step {step}/{steps}"))
+                run = train(config, progress=False, on_step=on_step)
+                arm = study["methods"][method]
+                arm["seconds"].append(time.perf_counter() - t0)
+                arm["runs"].append(str(run))
+                arm["train_loss"].append([r["loss"] for r in read_metrics(run) if "loss" in r])
+                arm["lr"] = config.optim.lr
+                timings["train"] += time.perf_counter() - t0
+
+        t0 = time.perf_counter()  # 3. evaluation
+        targets = [("base", model_name)] + [(m, r) for m in METHODS for r in study["methods"][m]["runs"]]
+        for name, target in targets:
+            model, tokenizer, identity = resolve_target(str(target), model=model_name)
+            if name in METHODS:
+                _record_size(study, name, model)
+            result: dict[str, Any] = {"tasks": {}, "identity": identity}
+            for task in TASKS:
+                stage(f"evaluate {name}: {task}")
+                n = study["mmlu_per_subject"] if task == "mmlu" else limit
+                result["tasks"].update(evaluate(model, tokenizer, [task], limit=n)["tasks"])
+                progress.update(bar, advance=EVAL_WEIGHT)
+            study["evals"].setdefault(name, []).append(result)
+            if name != "base":
+                write_json_atomic(Path(target) / "eval.json", result)
+            del model
+        timings["eval"] = time.perf_counter() - t0
+        study["data_sizes"] = _data_sizes(limit)
+
+        t0 = time.perf_counter()  # 4. analysis (first seed)
+        stage("analyze spectra")
+        runs = [study["methods"][m]["runs"][0] for m in METHODS]
+        with _threads(1):  # many small SVDs: one thread avoids oversubscription
+            study["analysis"] = analyze(runs, out / "analysis", names=list(METHODS))
+        study["analysis_dir"] = "analysis"
+        timings["analyze"] = time.perf_counter() - t0
+        progress.update(bar, advance=EVAL_WEIGHT, description="writing report")
+
+    from .report import write_report
+
+    timings["total"] = time.perf_counter() - t_start
+    study["timings"] = timings
+    write_json_atomic(out / "study.json", {k: v for k, v in study.items() if k != "analysis"})
+    report = write_report(study, out)
+    _print_summary(console, study, report)
+    return report
 
 
-def _peft_error(model_name: str, folder: Path, probe: torch.Tensor, reference: torch.Tensor) -> float | None:
-    try:
-        import peft
-    except ImportError:
-        return None
-    model = peft.PeftModel.from_pretrained(load_model(model_name)[0], str(folder)).eval()
-    with torch.no_grad():
-        return ((model(probe).logits - reference).abs().max() / reference.abs().max()).item()
+def _prepare_model(model_name: str, console: Console) -> float:
+    """Convert the embedded model once (timed separately); 0.0 when already cached or not embedded."""
+    if model_name != DEFAULT_MODEL:
+        return 0.0
+    from .models import embedded_model_cached, embedded_model_path
+
+    if embedded_model_cached():
+        return 0.0
+    console.print("first run: converting the embedded SmolLM2-135M once (GGUF -> safetensors cache)")
+    t0 = time.perf_counter()
+    embedded_model_path()
+    return time.perf_counter() - t0
 
 
-def _print_summary(console: Console, r: dict, out: Path) -> None:
-    table = Table(title=f"MultiLoRA n=3 r=8 on {r['model']}: {r['steps']} steps, {r['train_seconds']:.0f} s")
-    table.add_column("task")
-    table.add_column("held-out loss before", justify="right")
-    table.add_column("after", justify="right")
-    table.add_column("perplexity after", justify="right")
-    for t in r["tasks"]:
-        b, a = r["heldout_loss_before"][t], r["heldout_loss_after"][t]
-        table.add_row(t, f"{b:.3f}", f"[{'green' if a < b else 'red'}]{a:.3f}[/]", f"{math.exp(a):.2f}")
+def _record_size(study: dict, name: str, model: torch.nn.Module) -> None:
+    from .inject import adapter_parameters
+
+    total = sum(p.numel() for p in model.parameters())
+    adapter = sum(p.numel() for p in adapter_parameters(model).values())
+    trainable = total if name == "full" else adapter
+    study["methods"][name]["trainable"] = trainable
+    study["methods"][name]["share"] = trainable / (total - adapter)
+
+
+def _data_sizes(limit: int) -> dict[str, dict[str, int]]:
+    from .tasks import get_task, load_examples
+
+    return {t: {"train": len(load_examples(t, get_task(t).train_split)), "eval": limit} for t in TASKS}
+
+
+class _threads:
+    """Temporarily set torch's intra-op thread count."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.old = n, torch.get_num_threads()
+
+    def __enter__(self) -> None:
+        torch.set_num_threads(self.n)
+
+    def __exit__(self, *exc: object) -> None:
+        torch.set_num_threads(self.old)
+
+
+def _print_summary(console: Console, study: dict, report: Path) -> None:
+    from .report import headline, mean_accuracy
+
+    table = Table(title=f"{study['model']}: {study['steps']} steps, {len(study['seeds'])} seed(s)")
+    table.add_column("model")
+    for t in study["eval_tasks"]:
+        table.add_column(t, justify="right")
+    table.add_column("mean acc", justify="right")
+    for name, results in study["evals"].items():
+        cells = []
+        for t in study["eval_tasks"]:
+            vals = [h[0] for h in (headline(r, t) for r in results) if h]
+            higher = headline(results[0], t)[1]
+            cells.append(f"{100 * statistics.fmean(vals):.1f}" if higher else f"ppl {statistics.fmean(vals):.2f}")
+        table.add_row(name, *cells, f"{100 * statistics.fmean(mean_accuracy(study, name)):.1f}")
     console.print(table)
-    peft = "peft not installed" if r["peft_rel_error"] is None else f"{r['peft_rel_error']:.1e}"
-    console.print(f"merged vs unmerged logits (max rel. diff): {r['merge_rel_error']:.1e}   "
-                  f"reload bit-exact: {r['reload_bit_exact']}   PEFT export vs ours: {peft}")
-    console.print(f"trainable parameters: {r['adapter']['trainable']:,} ({100 * r['adapter']['share']:.2f}% of the model)")
-    console.print(f"training throughput: {r['tokens_per_second']:.0f} tokens/s; model load {r['load_seconds']:.1f} s")
-    console.print(f"[bold]wrote[/] {out}/adapter, {out}/peft, {out}/summary.json")
+    t = study["timings"]
+    console.print(f"time: {t['total']:.0f} s (train {t['train']:.0f} s, eval {t['eval']:.0f} s, "
+                  f"analysis {t['analyze']:.0f} s" + (f"; one-time conversion {t['convert']:.0f} s" if t["convert"] else "")
+                  + ")")
+    console.print(f"[bold]report:[/] {report}")

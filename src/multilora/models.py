@@ -75,13 +75,17 @@ def embedded_model_path() -> Path:
     return _cached_folder(DEFAULT_MODEL, _MODEL_FILES, _convert_model)
 
 
+def embedded_model_cached() -> bool:
+    """Whether the embedded model's safetensors cache is complete (no conversion needed)."""
+    return _is_complete(cache_dir() / DEFAULT_MODEL, _MODEL_FILES)
+
+
 def embedded_tokenizer() -> PreTrainedTokenizerBase:
     """Return the embedded model's tokenizer without converting weights (tokenizer-only cache)."""
     from transformers import AutoTokenizer
 
-    model_dir = cache_dir() / DEFAULT_MODEL
-    if _is_complete(model_dir, _MODEL_FILES):
-        folder = model_dir
+    if embedded_model_cached():
+        folder = cache_dir() / DEFAULT_MODEL
     else:
         folder = _cached_folder(TOKENIZER_CACHE, _TOKENIZER_FILES, _convert_tokenizer)
     with _quiet_transformers():

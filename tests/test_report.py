@@ -1,0 +1,51 @@
+"""The report's tables and its verdict on the paper's claims, from hand-made numbers."""
+
+from __future__ import annotations
+
+from multilora.report import task_table, verdict
+
+
+def result(acc: dict[str, float], ppl: float = 10.0, n: int = 400) -> dict:
+    tasks = {t: {"kind": "choice", "acc": a, "chance": 0.5, "n": n} for t, a in acc.items()}
+    tasks["alpaca"] = {"kind": "perplexity", "perplexity": ppl, "chance": 49152, "n": 16}
+    return {"tasks": tasks}
+
+
+def study(ml_acc: float, lora_acc: float, full_acc: float, ml_top1: float, lora_top1: float, n: int = 400) -> dict:
+    def run(name, eff, top1):
+        return {"name": name, "overall": {"effective_rank": eff, "energy_top1": top1, "energy_top8": 0.9,
+                                          "stable_rank": 2.0, "rank_bound": 24}}
+
+    return {
+        "eval_tasks": ["rte", "alpaca"], "seeds": [0],
+        "evals": {"base": [result({"rte": 0.5}, 12.0, n)], "lora": [result({"rte": lora_acc}, 9.0, n)],
+                  "multilora": [result({"rte": ml_acc}, 9.5, n)], "full": [result({"rte": full_acc}, 8.0, n)]},
+        "analysis": {"top_k": [1, 8], "runs": [run("lora", 8.0, lora_top1), run("multilora", 20.0, ml_top1),
+                                                run("full", 30.0, 0.2)]},
+    }
+
+
+def test_verdict_supports_both_claims_when_the_numbers_do():
+    text = verdict(study(ml_acc=0.80, lora_acc=0.60, full_acc=0.62, ml_top1=0.15, lora_top1=0.7))
+    assert "Claim 1, a flatter spectrum: supported" in text and "closer to full fine-tuning" in text
+    assert "Claim 2, better multi-task scores: supported" in text
+
+
+def test_verdict_rejects_claims_the_numbers_do_not_support():
+    text = verdict(study(ml_acc=0.55, lora_acc=0.60, full_acc=0.62, ml_top1=0.8, lora_top1=0.7))
+    assert "Claim 1, a flatter spectrum: not supported" in text
+    assert "Claim 2, better multi-task scores: not supported" in text
+
+
+def test_verdict_calls_small_differences_noise():
+    # 0.62 vs 0.60 on 40 items: a binomial standard error of ~0.077, so 2 points is noise
+    text = verdict(study(ml_acc=0.62, lora_acc=0.60, full_acc=0.61, ml_top1=0.1, lora_top1=0.7, n=40))
+    assert "not supported" in text.split("Claim 2")[1] and "within two standard errors" in text
+
+
+def test_task_table_marks_the_best_per_task_and_knows_lower_perplexity_is_better():
+    table = task_table(study(ml_acc=0.80, lora_acc=0.60, full_acc=0.62, ml_top1=0.15, lora_top1=0.7))
+    rte = next(line for line in table.splitlines() if line.startswith("| rte"))
+    alpaca = next(line for line in table.splitlines() if line.startswith("| alpaca"))
+    assert "**80.0**" in rte and rte.count("**") == 2
+    assert "**8.00**" in alpaca and alpaca.count("**") == 2  # full has the lowest perplexity
