@@ -61,6 +61,13 @@ def cmd_tasks(args: argparse.Namespace) -> None:
     Console().print(table)
 
 
+def cmd_train(args: argparse.Namespace, overrides: list[str]) -> None:
+    """Train LoRA, MultiLoRA or full fine-tuning from a YAML config."""
+    from .train import run_train_cli
+
+    run_train_cli(args, overrides)
+
+
 def cmd_analyze(args: argparse.Namespace) -> None:
     """Singular-value spectra of the learned updates of one or more runs."""
     from .analyze import run_analyze_cli
@@ -100,6 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--subjects", action="store_true", help="also list the 57 MMLU subjects as tasks")
     p.set_defaults(func=cmd_tasks)
 
+    from .train import add_train_arguments
+
+    p = sub.add_parser("train", help="train LoRA / MultiLoRA / full fine-tuning from a YAML config")
+    add_train_arguments(p)
+    p.set_defaults(func=cmd_train)
+
     from .evaluate import add_eval_arguments, run_eval_cli
 
     p = sub.add_parser("eval", help="per-task scores of a run, adapter, PEFT adapter or model",
@@ -132,12 +145,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `multilora` console script; returns the exit code."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "train":  # only `train` takes --section.key overrides
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command is None:
         parser.print_help()
         return 0
     try:
-        args.func(args)
+        if args.command == "train":
+            args.func(args, extra)
+        else:
+            args.func(args)
     except MultiLoRAError as e:
         print(f"multilora {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,437 @@
+"""The training config: typed dataclasses that are the YAML schema, with `--section.key value` overrides.
+
+    model: smollm2-135m            # the embedded model, or a local save_pretrained folder
+    method: multilora              # multilora | lora | full
+    adapter: {n: 3, r: 8, alpha: 16, dropout: 0.0, init: multilora, scale: vector, targets: [q_proj, v_proj]}
+    data:    {tasks: [alpaca, rte], mixture: proportional, temperature: 2.0, weights: null,
+              max_len: 256, chat: false, eval_examples: 32}
+    optim:   {lr: 2.0e-4, weight_decay: 0.0, betas: [0.9, 0.999], eps: 1.0e-8, warmup_steps: 0,
+              schedule: cosine, grad_clip: 1.0}
+    train:   {batch_size: 4, grad_accum: 1, max_steps: 100, epochs: null, seed: 0, eval_every: 0,
+              save_every: 50, keep_last: 2, log_every: 1, mixed_precision: "no", log_tensorboard: false, cpu: false}
+    output_dir: runs/multilora
+
+`load_config(path, ["--adapter.n", "4", "--optim.lr=3e-4"])` reads the file, applies the overrides
+(values parsed as YAML), and validates everything at once: every problem (unknown key with the
+nearest valid one, wrong type, bad value, missing model folder) is named in one MultiLoRAError.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import os
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+from .data import STRATEGIES
+from .errors import MultiLoRAError
+from .layers import INITS, SCALES
+from .models import DEFAULT_MODEL as EMBEDDED_MODEL
+
+METHODS = ("multilora", "lora", "full")
+SCHEDULES = ("linear", "cosine")
+MIXED_PRECISION = ("no", "bf16", "fp16")
+
+
+@dataclass
+class AdapterOptions:
+    """LoRA / MultiLoRA options (MULTILORA.md §2); ignored by `method: full`."""
+
+    n: int = 3
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    init: str = "multilora"  # multilora: A, B Kaiming, s = 0 | lora: B = 0
+    scale: str = "vector"  # vector (n, d_out) | scalar (n,) | none
+    targets: Union[list[str], str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+
+
+@dataclass
+class DataOptions:
+    """Training tasks, how they are mixed, and the held-out evaluation set."""
+
+    tasks: list[str] = field(default_factory=lambda: ["alpaca", "mmlu", "boolq", "rte", "wic"])
+    mixture: str = "proportional"  # proportional | temperature | uniform | weights
+    temperature: float = 2.0  # for mixture: temperature (p_t ~ n_t^(1/T))
+    weights: Union[dict[str, float], None] = None  # for mixture: weights, one per task
+    max_len: int = 256  # tokens per example (the prompt is cut from the left)
+    chat: bool = False  # wrap prompts in the tokenizer's chat template
+    eval_examples: int = 32  # held-out examples per task (its eval split) for the periodic eval; 0: none
+
+
+@dataclass
+class OptimOptions:
+    """AdamW and the learning-rate schedule."""
+
+    lr: float = 2e-4
+    weight_decay: float = 0.0  # never applied to 1-D parameters or to MultiLoRA's scales
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    schedule: str = "cosine"  # linear | cosine (both decay to 0 after warmup)
+    grad_clip: float = 1.0  # max global grad norm; 0 turns clipping off
+
+
+@dataclass
+class TrainOptions:
+    """Batching, length, seed, evaluation, checkpoints and logging."""
+
+    batch_size: int = 4  # examples per process per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step (global batch = batch_size * grad_accum * processes)
+    max_steps: Union[int, None] = 100  # optimizer steps; null: use epochs
+    epochs: Union[float, None] = None  # passes over the training examples (all tasks); used when max_steps is null
+    seed: int = 0
+    eval_every: int = 0  # steps between held-out evaluations; 0: only at the end
+    save_every: int = 50  # steps between checkpoints; 0: only at the end
+    keep_last: int = 2  # checkpoints kept
+    log_every: int = 1  # steps between metrics.jsonl lines
+    mixed_precision: str = "no"  # no | bf16 | fp16 (fp16 needs a GPU)
+    log_tensorboard: bool = False  # also log to TensorBoard (run folder/tensorboard) via accelerate
+    cpu: bool = False  # force CPU even where a GPU is available
+
+
+@dataclass
+class TrainConfig:
+    """A whole training run: the YAML file's top level."""
+
+    model: str = EMBEDDED_MODEL  # 'smollm2-135m' (embedded) or a local model folder
+    method: str = "multilora"  # multilora | lora | full
+    adapter: AdapterOptions = field(default_factory=AdapterOptions)
+    data: DataOptions = field(default_factory=DataOptions)
+    optim: OptimOptions = field(default_factory=OptimOptions)
+    train: TrainOptions = field(default_factory=TrainOptions)
+    output_dir: str = "runs/run"
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as plain YAML-ready data."""
+        return asdict(self)
+
+    def to_yaml(self) -> str:
+        """The resolved config as YAML text (loads back to the same config)."""
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
+
+
+SECTIONS = {"adapter": AdapterOptions, "data": DataOptions, "optim": OptimOptions, "train": TrainOptions}
+
+
+def valid_keys() -> list[str]:
+    """Every settable dotted key (`model`, `adapter.n`, ...)."""
+    keys = []
+    for f in fields(TrainConfig):
+        if f.name in SECTIONS:
+            keys += [f"{f.name}.{g.name}" for g in fields(SECTIONS[f.name])]
+        else:
+            keys.append(f.name)
+    return keys
+
+
+def help_text() -> str:
+    """The config's sections and keys with their defaults, for `multilora train --help`."""
+    import textwrap
+
+    lines = []
+    default = TrainConfig()
+    for f in fields(TrainConfig):
+        if f.name in SECTIONS:
+            section = getattr(default, f.name)
+            items = ", ".join(f"{g.name}={getattr(section, g.name)!r}" for g in fields(section))
+            lines.append(textwrap.fill(items, width=98, initial_indent=f"  {f.name}: ",
+                                       subsequent_indent=" " * (4 + len(f.name)), break_on_hyphens=False))
+        elif f.name == "method":
+            lines.append(f"  method: {' | '.join(METHODS)} (default {default.method!r})")
+        else:
+            lines.append(f"  {f.name}: {getattr(default, f.name)!r}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """`["--adapter.n", "4", "--optim.lr=3e-4"]` -> {"adapter.n": 4, "optim.lr": "3e-4"} (values via YAML)."""
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(overrides):
+        token = overrides[i]
+        if not token.startswith("--") or len(token) <= 2:
+            raise MultiLoRAError(f"unexpected argument {token!r}: overrides look like --section.key value "
+                                 "(e.g. --adapter.n 4 --optim.lr 3e-4)")
+        key, eq, value = token[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(overrides) or (overrides[i + 1].startswith("--") and len(overrides[i + 1]) > 2
+                                            and not _is_number(overrides[i + 1])):
+                raise MultiLoRAError(f"override --{key} has no value: write --{key} VALUE")
+            value = overrides[i + 1]
+            i += 1
+        try:
+            out[key] = yaml.safe_load(value) if value != "" else ""
+        except yaml.YAMLError as e:
+            raise MultiLoRAError(f"override --{key}: cannot parse value {value!r} ({str(e).splitlines()[0]})") from None
+        i += 1
+    return out
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> TrainConfig:
+    """Read a YAML config (or the defaults when `path` is None), apply overrides, validate; raise once listing every problem."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise MultiLoRAError(f"config file {p} not found; pass a YAML file such as recipes/demo-multilora.yaml")
+        try:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except yaml.YAMLError as e:
+            raise MultiLoRAError(f"{p} is not valid YAML: {' '.join(str(e).split())}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise MultiLoRAError(f"{p} must hold a mapping of sections (model, method, adapter, data, optim, "
+                                 f"train, output_dir), got {type(loaded).__name__}")
+        raw = loaded
+    flat = flatten(raw)
+    flat.update(parse_overrides(list(overrides or [])))
+    return config_from_flat(flat)
+
+
+def config_from_dict(data: dict[str, Any]) -> TrainConfig:
+    """Build and validate a config from nested plain data (as in a YAML file)."""
+    return config_from_flat(flatten(data))
+
+
+def flatten(data: dict[str, Any]) -> dict[str, Any]:
+    """{section: {key: value}} -> {"section.key": value}; top-level scalars keep their name."""
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if key in SECTIONS and isinstance(value, dict):
+            for sub, v in value.items():
+                flat[f"{key}.{sub}"] = v
+        else:
+            flat[str(key)] = value
+    return flat
+
+
+def config_from_flat(flat: dict[str, Any]) -> TrainConfig:
+    """Build and validate a config from {dotted key: value}; raise one MultiLoRAError naming every problem."""
+    problems: list[str] = []
+    keys = valid_keys()
+    config = TrainConfig()
+    for key, value in flat.items():
+        if key not in keys:
+            if key in SECTIONS:
+                problems.append(f"section {key!r} must be a mapping of keys, got {value!r}")
+                continue
+            close = _alias(key, keys) or difflib.get_close_matches(key, keys, n=1, cutoff=0.5)
+            if not close and "." in key:  # match the leaf within its section
+                section, _, leaf = key.partition(".")
+                leaves = [k.partition(".")[2] for k in keys if k.startswith(section + ".")]
+                near = difflib.get_close_matches(leaf, leaves, n=1, cutoff=0.4)
+                close = [f"{section}.{near[0]}"] if near else []
+            hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(keys)}"
+            problems.append(f"unknown key {key!r}{hint}")
+            continue
+        owner, name = _owner(config, key)
+        hint = _field_types(type(owner))[name]
+        ok, coerced = _coerce(value, hint)
+        if not ok:
+            problems.append(f"{key} = {value!r} has the wrong type: expected {_type_name(hint)}")
+            continue
+        setattr(owner, name, coerced)
+    problems += _check_values(config, set(flat))  # keys with a type problem keep their default here
+    if problems:
+        raise MultiLoRAError(f"{len(problems)} problem(s) in the config: " + "; ".join(problems))
+    return config
+
+
+# names other tools (PEFT, HF Trainer, alpaca-lora) use for our keys, for "did you mean"
+ALIASES = {"learning_rate": "lr", "rank": "r", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout",
+           "target_modules": "targets", "num_modules": "n", "micro_batch_size": "batch_size",
+           "per_device_train_batch_size": "batch_size", "gradient_accumulation_steps": "grad_accum",
+           "steps": "max_steps", "num_epochs": "epochs", "num_train_epochs": "epochs", "warmup": "warmup_steps",
+           "max_grad_norm": "grad_clip", "cutoff_len": "max_len", "max_length": "max_len",
+           "lr_scheduler_type": "schedule", "scheduler": "schedule", "output": "output_dir"}
+
+
+def _alias(key: str, keys: list[str]) -> list[str]:
+    """The valid key another tool's name for it points to (`optim.learning_rate` -> `optim.lr`), if any."""
+    section, _, leaf = key.rpartition(".")
+    target = ALIASES.get(leaf)
+    if target is None:
+        return []
+    matches = [k for k in keys if k.rpartition(".")[2] == target]
+    same = [k for k in matches if k.rpartition(".")[0] == section]
+    return (same or matches)[:1]
+
+
+def _owner(config: TrainConfig, key: str) -> tuple[Any, str]:
+    section, dot, name = key.partition(".")
+    return (getattr(config, section), name) if dot else (config, key)
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _type_name(hint: Any) -> str:
+    if hint is type(None):
+        return "null"
+    args = typing.get_args(hint)
+    origin = typing.get_origin(hint)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in args)
+    if origin is list:
+        return f"a list of {_type_name(args[0])}"
+    if origin is dict:
+        return f"a mapping of {_type_name(args[0])} to {_type_name(args[1])}"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(hint, str(hint))
+
+
+def _coerce(value: Any, hint: Any) -> tuple[bool, Any]:
+    """(ok, value converted to `hint`): ints are accepted as floats, and number strings such as '3e-4' too."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (Union, types.UnionType):
+        for a in args:
+            ok, v = _coerce(value, a)
+            if ok:
+                return True, v
+        return False, None
+    if hint is type(None):
+        return value is None, None
+    if origin is list:
+        if isinstance(value, (list, tuple)):
+            out = [_coerce(v, args[0]) for v in value]
+            return all(ok for ok, _ in out), [v for _, v in out]
+        return False, None
+    if origin is dict:
+        if isinstance(value, dict):
+            out = {str(k): _coerce(v, args[1]) for k, v in value.items()}
+            return all(ok for ok, _ in out.values()), {k: v for k, (_, v) in out.items()}
+        return False, None
+    if hint is bool:
+        return isinstance(value, bool), value
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return True, value
+        if isinstance(value, float) and value.is_integer():
+            return True, int(value)
+        return False, None
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True, float(value)
+        if isinstance(value, str):  # PyYAML reads 3e-4 (no dot) as a string
+            try:
+                return True, float(value)
+            except ValueError:
+                return False, None
+        return False, None
+    if hint is str:
+        return isinstance(value, str), value
+    return False, None
+
+
+def _check_values(c: TrainConfig, given: set[str]) -> list[str]:
+    """Cross-field and range rules, all in one place; returns the problems found."""
+    p: list[str] = []
+
+    def one_of(key: str, value: Any, allowed: tuple) -> None:
+        if value not in allowed:
+            close = difflib.get_close_matches(str(value), allowed, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            p.append(f"{key} = {value!r} is not valid{hint}; use one of {', '.join(allowed)}")
+
+    def positive(key: str, value: float, zero_ok: bool = False) -> None:
+        if not math.isfinite(value) or value < 0 or (value == 0 and not zero_ok):
+            p.append(f"{key} = {value!r} must be {'>= 0' if zero_ok else '> 0'}")
+
+    one_of("method", c.method, METHODS)
+    a, d, o, t = c.adapter, c.data, c.optim, c.train
+    if c.method == "lora":  # plain LoRA is MultiLoRA with n = 1, B = 0 at init and no scales
+        for key, want in (("n", 1), ("init", "lora"), ("scale", "none")):
+            if f"adapter.{key}" in given and getattr(a, key) != want:
+                p.append(f"method lora uses adapter.{key} = {want!r}, got {getattr(a, key)!r}; "
+                         f"drop adapter.{key} or use method multilora")
+        a.n, a.init, a.scale = 1, "lora", "none"
+    if c.method != "full":
+        positive("adapter.n", a.n)
+        positive("adapter.r", a.r)
+        positive("adapter.alpha", a.alpha)
+        if not 0 <= a.dropout < 1:
+            p.append(f"adapter.dropout = {a.dropout!r} must be in [0, 1)")
+        one_of("adapter.init", a.init, INITS)
+        one_of("adapter.scale", a.scale, SCALES)
+        if (isinstance(a.targets, list) and not a.targets) or a.targets == "":
+            p.append("adapter.targets is empty: name module suffixes (e.g. [q_proj, v_proj]), a regex or 'all-linear'")
+    if not d.tasks:
+        p.append("data.tasks is empty: name at least one task (e.g. [alpaca, rte])")
+    else:
+        from .tasks import TASKS
+
+        for name in d.tasks:
+            if name not in TASKS:
+                close = difflib.get_close_matches(name, list(TASKS), n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                p.append(f"data.tasks: unknown task {name!r}{hint}; `multilora tasks` lists them")
+        if len(set(d.tasks)) != len(d.tasks):
+            p.append(f"data.tasks {d.tasks} names a task twice; list each task once")
+    one_of("data.mixture", d.mixture, STRATEGIES)
+    positive("data.temperature", d.temperature)
+    if d.weights is not None and d.mixture != "weights":
+        p.append(f"data.weights is set but data.mixture is {d.mixture!r}; set data.mixture: weights")
+    if d.mixture == "weights":
+        w = d.weights or {}
+        if set(w) != set(d.tasks) or any(not (v > 0 and math.isfinite(v)) for v in w.values()):
+            p.append(f"data.weights must give one positive weight per task in data.tasks {d.tasks}, got {d.weights!r}")
+    if d.max_len < 8:
+        p.append(f"data.max_len = {d.max_len} is too short; use at least 8 (typically 256-512)")
+    positive("data.eval_examples", d.eval_examples, zero_ok=True)
+    positive("optim.lr", o.lr)
+    positive("optim.weight_decay", o.weight_decay, zero_ok=True)
+    positive("optim.eps", o.eps)
+    positive("optim.grad_clip", o.grad_clip, zero_ok=True)
+    positive("optim.warmup_steps", o.warmup_steps, zero_ok=True)
+    if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
+        p.append(f"optim.betas = {o.betas!r} must be two numbers in [0, 1), e.g. [0.9, 0.999]")
+    one_of("optim.schedule", o.schedule, SCHEDULES)
+    for key in ("batch_size", "grad_accum", "keep_last", "log_every"):
+        positive(f"train.{key}", getattr(t, key))
+    for key in ("eval_every", "save_every"):
+        positive(f"train.{key}", getattr(t, key), zero_ok=True)
+    if t.max_steps is None and t.epochs is None:
+        p.append("train.max_steps and train.epochs are both null: set one of them")
+    elif t.max_steps is not None and t.epochs is not None:
+        p.append(f"train.max_steps = {t.max_steps} and train.epochs = {t.epochs} are both set: set one, "
+                 "the other to null")
+    elif t.max_steps is not None:
+        positive("train.max_steps", t.max_steps)
+    else:
+        positive("train.epochs", t.epochs)
+    if t.max_steps is not None and o.warmup_steps >= t.max_steps > 0:
+        p.append(f"optim.warmup_steps = {o.warmup_steps} must be below train.max_steps = {t.max_steps}")
+    one_of("train.mixed_precision", t.mixed_precision, MIXED_PRECISION)
+    if not c.output_dir:
+        p.append("output_dir is empty: name the run folder (e.g. runs/my-run)")
+    if c.model != EMBEDDED_MODEL:
+        path = Path(c.model).expanduser()
+        if not path.is_dir():
+            p.append(f"model {c.model!r} is not a local folder (this tool never downloads): pass --model PATH "
+                     f"to a save_pretrained folder, or {EMBEDDED_MODEL!r} for the embedded model")
+        elif not (path / "config.json").is_file():
+            p.append(f"model folder {c.model!r} has no config.json: pass a folder written by save_pretrained")
+    return p
+
+
+__all__ = ["AdapterOptions", "DataOptions", "OptimOptions", "TrainOptions", "TrainConfig", "load_config",
+           "config_from_dict", "config_from_flat", "flatten", "parse_overrides", "valid_keys", "help_text"]
