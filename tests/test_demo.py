@@ -6,23 +6,12 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from multilora.cli import main
 from multilora.config import load_config
 from multilora.demo import METHODS, demo_config
-from multilora.models import embedded_tokenizer, tiny_model
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
-
-
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    torch.manual_seed(0)
-    tiny_model("llama").save_pretrained(folder)
-    embedded_tokenizer().save_pretrained(folder)
-    return folder
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -32,22 +21,51 @@ def test_recipes_are_the_demo_configs(method):
     assert recipe.to_dict() == ours.to_dict()
 
 
-def test_demo_runs_the_study_and_writes_the_report(tmp_path, tiny_folder):
+def test_demo_quick_runs_the_study_and_writes_the_report(tmp_path, monkeypatch):
+    monkeypatch.setenv("MULTILORA_CACHE", str(tmp_path / "cache"))  # the tiny model is built once, here
     out = tmp_path / "demo"
-    assert main(["demo", "--quick", "--steps", "3", "--limit", "4", "--model", str(tiny_folder), "--out", str(out)]) == 0
+    assert main(["demo", "--quick", "--out", str(out)]) == 0
     study = json.loads((out / "study.json").read_text())
     assert set(study["evals"]) == {"base", "lora", "multilora", "full"}
-    for name in ("lora", "multilora", "full"):
-        run = Path(study["methods"][name]["runs"][0])
-        assert len(study["methods"][name]["train_loss"][0]) == 3 and (run / "eval.json").is_file()
+    runs = {name: Path(study["methods"][name]["runs"][0]) for name in METHODS}
+    for name, run in runs.items():
+        assert len(study["methods"][name]["train_loss"][0]) == study["steps"]
+        assert (run / "eval.json").is_file() and (run / "metrics.jsonl").is_file()
     # same total rank: LoRA r = 24 vs MultiLoRA n = 3 x r = 8 (plus the scales)
     lora, multi = study["methods"]["lora"]["trainable"], study["methods"]["multilora"]["trainable"]
     assert lora < multi < 1.1 * lora and study["methods"]["full"]["share"] == 1.0
     report = (out / "report.md").read_text()
-    assert "Claim 1" in report and "Claim 2" in report and "| task | metric | chance |" in report
-    for png in ("loss_curves.png", "analysis/spectra.png", "analysis/energy_share.png"):
+    assert "Claim 1" in report and "Claim 2" in report
+    for png in ("loss_curves.png", "analysis/spectra.png", "analysis/energy_share.png", "analysis/multilora_scales.png"):
         assert (out / png).stat().st_size > 1000, png
-    # a second run into the same folder is refused, and the first one's files are untouched
+    # the report's numbers are the run folders' numbers
+    rows = {line.split("|")[1].strip(): [c.strip().strip("*") for c in line.split("|")[4:-1]]
+            for line in report.splitlines() if line.startswith("| ") and "|---" not in line}
+    header = rows["task"]
+    for name, run in runs.items():
+        ev = json.loads((run / "eval.json").read_text())["tasks"]
+        assert rows["rte"][header.index(name)] == f"{100 * ev['rte']['acc']:.1f}"
+        assert rows["alpaca"][header.index(name)] == f"{ev['alpaca']['perplexity']:.2f}"
+    analysis = json.loads((out / "analysis" / "analysis.json").read_text())
+    ml = next(r for r in analysis["runs"] if r["name"] == "multilora")["overall"]
+    assert f"| multilora | {ml['effective_rank']:.1f} | {ml['energy_top1']:.3f} |" in report
+
+
+def test_demo_refuses_an_existing_folder_and_resumes_reusing_finished_runs(tmp_path, monkeypatch):
+    monkeypatch.setenv("MULTILORA_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--steps", "2", "--limit", "2", "--out", str(out)]) == 0
     before = (out / "report.md").read_bytes()
-    assert main(["demo", "--quick", "--model", str(tiny_folder), "--out", str(out)]) == 2
+    assert main(["demo", "--quick", "--out", str(out)]) == 2  # neither --resume nor --overwrite
     assert (out / "report.md").read_bytes() == before
+    # an interrupted demo: the full run and its evaluation are gone, the others stay
+    import shutil
+
+    shutil.rmtree(out / "full-seed0")
+    lora_adapter = (out / "lora-seed0" / "adapter.safetensors").read_bytes()
+    lora_mtime = (out / "lora-seed0" / "eval.json").stat().st_mtime_ns
+    assert main(["demo", "--quick", "--steps", "2", "--limit", "2", "--out", str(out), "--resume"]) == 0
+    assert (out / "full-seed0" / "eval.json").is_file()
+    assert (out / "lora-seed0" / "adapter.safetensors").read_bytes() == lora_adapter
+    assert (out / "lora-seed0" / "eval.json").stat().st_mtime_ns == lora_mtime  # reused, not re-evaluated
+    assert main(["demo", "--quick", "--steps", "2", "--limit", "2", "--out", str(out), "--overwrite"]) == 0

@@ -29,6 +29,7 @@ def test_verdict_supports_both_claims_when_the_numbers_do():
     text = verdict(study(ml_acc=0.80, lora_acc=0.60, full_acc=0.62, ml_top1=0.15, lora_top1=0.7))
     assert "Claim 1, a flatter spectrum: supported" in text and "closer to full fine-tuning" in text
     assert "Claim 2, better multi-task scores: supported" in text
+    assert "base model scores 50.0%; the best fine-tuned model (multilora) gains over it (+30.0 points)" in text
 
 
 def test_verdict_rejects_claims_the_numbers_do_not_support():
@@ -49,3 +50,10 @@ def test_task_table_marks_the_best_per_task_and_knows_lower_perplexity_is_better
     alpaca = next(line for line in table.splitlines() if line.startswith("| alpaca"))
     assert "**80.0**" in rte and rte.count("**") == 2
     assert "**8.00**" in alpaca and alpaca.count("**") == 2  # full has the lowest perplexity
+
+
+def test_loss_trend_sentence_names_a_method_whose_loss_rose():
+    s = study(ml_acc=0.62, lora_acc=0.60, full_acc=0.61, ml_top1=0.1, lora_top1=0.7)
+    s["methods"] = {"lora": {"train_loss": [[2.0, 2.0, 1.0, 1.0]]}, "multilora": {"train_loss": [[2.0, 2.0, 3.0, 3.0]]}}
+    text = verdict(s)
+    assert "lora 2.00 → 1.00, multilora 2.00 → 3.00" in text and "It rose for multilora" in text

@@ -10,7 +10,11 @@ import sys
 from pathlib import Path
 
 from . import __version__
+from .analyze import add_analyze_arguments, run_analyze_cli
+from .demo import DEFAULT_STEPS, EVAL_LIMIT, QUICK_EVAL_LIMIT, QUICK_STEPS
 from .errors import MultiLoRAError
+from .evaluate import add_eval_arguments, run_eval_cli
+from .train import add_train_arguments
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -42,7 +46,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
 
     run_demo(out_dir=args.out, steps=args.steps, seeds=args.seeds, quick=args.quick, model_name=args.model,
-             eval_limit=args.limit)
+             eval_limit=args.limit, resume=args.resume, overwrite=args.overwrite)
 
 
 def cmd_tasks(args: argparse.Namespace) -> None:
@@ -68,13 +72,6 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> None:
     run_train_cli(args, overrides)
 
 
-def cmd_analyze(args: argparse.Namespace) -> None:
-    """Singular-value spectra of the learned updates of one or more runs."""
-    from .analyze import run_analyze_cli
-
-    run_analyze_cli(args)
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the `multilora` command."""
     parser = argparse.ArgumentParser(
@@ -85,21 +82,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"multilora {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    from .demo import DEFAULT_STEPS, EVAL_LIMIT, QUICK_EVAL_LIMIT, QUICK_STEPS
-
     p = sub.add_parser("demo", help="the paper's study at small scale: LoRA vs MultiLoRA vs full fine-tuning, "
                        "on the embedded SmolLM2-135M, CPU, minutes",
                        description="Train LoRA (r=24), MultiLoRA (n=3, r=8) and full fine-tuning on the paper's "
                        "task mixture (Alpaca + MMLU + BoolQ/RTE/WiC) with the same data and budget, evaluate them "
                        "and the base model on every task, analyze the spectra of the updates, and write report.md.")
-    p.add_argument("--out", default=None, help="output folder (default: runs/demo-<date>); must not exist yet")
+    p.add_argument("--out", default=None, help="output folder (default: runs/demo-<date>)")
     p.add_argument("--steps", type=int, default=None,
                    help=f"training steps per method (default: {DEFAULT_STEPS}; {QUICK_STEPS} with --quick)")
     p.add_argument("--seeds", type=int, default=1, help="seeds per method; >= 2 gives mean ± std (default: 1)")
     p.add_argument("--limit", type=int, default=None,
                    help=f"evaluation items per task (default: {EVAL_LIMIT}; {QUICK_EVAL_LIMIT} with --quick)")
-    p.add_argument("--quick", action="store_true", help="a smoke run: few steps and items (about 2 minutes)")
-    p.add_argument("--model", default="smollm2-135m", help="base model: 'smollm2-135m' or a local folder")
+    p.add_argument("--quick", action="store_true",
+                   help="a smoke run of the whole pipeline on a tiny random model: few steps and items, seconds")
+    p.add_argument("--model", default=None,
+                   help="base model: 'smollm2-135m' (default) or a local folder; --quick: a tiny random model")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted demo in --out, reusing finished runs")
+    p.add_argument("--overwrite", action="store_true", help="delete --out first if it exists")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("tasks", help="list the bundled tasks with their splits and sizes",
@@ -107,13 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--subjects", action="store_true", help="also list the 57 MMLU subjects as tasks")
     p.set_defaults(func=cmd_tasks)
 
-    from .train import add_train_arguments
-
     p = sub.add_parser("train", help="train LoRA / MultiLoRA / full fine-tuning from a YAML config")
     add_train_arguments(p)
     p.set_defaults(func=cmd_train)
-
-    from .evaluate import add_eval_arguments, run_eval_cli
 
     p = sub.add_parser("eval", help="per-task scores of a run, adapter, PEFT adapter or model",
                        description="Evaluate a run folder, adapter folder, PEFT adapter, model folder or "
@@ -122,13 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_arguments(p)
     p.set_defaults(func=run_eval_cli)
 
-    from .analyze import add_analyze_arguments
-
     p = sub.add_parser("analyze", help="singular-value spectra of the learned updates dW, with plots",
                        description="Singular values of each adapted layer's update dW (exact, via QR for "
                        "LoRA/MultiLoRA; dense for full fine-tuning), metrics, plots and summary.md.")
     add_analyze_arguments(p)
-    p.set_defaults(func=cmd_analyze)
+    p.set_defaults(func=run_analyze_cli)
 
     p = sub.add_parser("export", help="export an adapter folder to PEFT LoRA or to a merged model",
                        description="Export an adapter folder (adapter.safetensors + adapter_config.json). "

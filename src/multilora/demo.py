@@ -14,6 +14,8 @@ of using them from Python. `recipes/demo-*.yaml` hold the same training configs.
 from __future__ import annotations
 
 import datetime
+import json
+import shutil
 import statistics
 import time
 from pathlib import Path
@@ -32,10 +34,11 @@ from .models import DEFAULT_MODEL
 TASKS = ["alpaca", "mmlu", "boolq", "rte", "wic"]
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 METHODS = ("lora", "multilora", "full")
-DEFAULT_STEPS = 40
+DEFAULT_STEPS = 64
 QUICK_STEPS = 6
 EVAL_LIMIT = 40  # items per task (per MMLU subject: 1), a few minutes per model on 2 cores
 QUICK_EVAL_LIMIT = 8
+DONE_FILE = "demo_run.json"  # written into a run folder when its training finished
 MMLU_SUBJECTS_SHARE = 20  # MMLU's limit is per subject (57 of them): use limit // 20 per subject
 STEP_WEIGHT, EVAL_WEIGHT = 1.0, 8.0  # rough cost of a training step vs evaluating one task, for the ETA
 
@@ -63,11 +66,17 @@ def demo_config(method: str, out_dir: str | Path, steps: int = DEFAULT_STEPS, se
 
 
 def run_demo(out_dir: str | Path | None = None, steps: int | None = None, seeds: int = 1, quick: bool = False,
-             model_name: str = DEFAULT_MODEL, eval_limit: int | None = None) -> Path:
-    """Run the whole study into `out_dir` (default runs/demo-<date>) and return the report's path."""
+             model_name: str | None = None, eval_limit: int | None = None, resume: bool = False,
+             overwrite: bool = False) -> Path:
+    """Run the whole study into `out_dir` (default runs/demo-<date>) and return the report's path.
+
+    `quick` uses a tiny random model (unless `model_name` is given) and a few steps and items;
+    `resume` reuses the finished runs and evaluations of an interrupted demo in `out_dir`.
+    """
     from .analyze import analyze
     from .evaluate import evaluate, resolve_target
-    from .train import read_metrics, train
+    from .models import tiny_model_path
+    from .train import checkpoint_dirs, read_metrics, train
 
     if seeds < 1:
         raise MultiLoRAError(f"--seeds must be >= 1, got {seeds}")
@@ -76,8 +85,16 @@ def run_demo(out_dir: str | Path | None = None, steps: int | None = None, seeds:
         raise MultiLoRAError(f"--steps must be >= 1, got {steps}")
     limit = eval_limit or (QUICK_EVAL_LIMIT if quick else EVAL_LIMIT)
     out = Path(out_dir or f"runs/demo-{datetime.date.today().isoformat()}")
-    if out.exists() and any(out.iterdir()):
-        raise MultiLoRAError(f"{out} already exists and is not empty; pass another --out (runs are never overwritten)")
+    if resume and overwrite:
+        raise MultiLoRAError("--resume and --overwrite exclude each other: resume keeps finished runs, overwrite deletes them")
+    if out.exists() and not out.is_dir():
+        raise MultiLoRAError(f"--out {out} is a file; pass a folder")
+    if out.is_dir() and any(out.iterdir()) and not resume:
+        if not overwrite:
+            raise MultiLoRAError(f"{out} already exists and is not empty: pass --resume to continue it, "
+                                 "--overwrite to replace it, or another --out")
+        shutil.rmtree(out)
+    model_name = model_name or (str(tiny_model_path()) if quick else DEFAULT_MODEL)
     console = Console()
     t_start = time.perf_counter()
     t_convert = _prepare_model(model_name, console)
@@ -103,34 +120,49 @@ def run_demo(out_dir: str | Path | None = None, steps: int | None = None, seeds:
 
         for seed in range(seeds):  # 2. training
             for method in METHODS:
-                config = demo_config(method, out / f"{method}-seed{seed}", steps, seed, model_name)
-                stage(f"train {method} (seed {seed}): step 0/{steps}")
-                t0 = time.perf_counter()
-                on_step = lambda step, model, record, m=method: (  # noqa: E731
-                    progress.update(bar, advance=STEP_WEIGHT, description=f"train {m} (seed {seed}): step {step}/{steps}"))
-                run = train(config, progress=False, on_step=on_step)
+                run = out / f"{method}-seed{seed}"
+                config = demo_config(method, run, steps, seed, model_name)
+                done = run / DONE_FILE
+                if done.is_file():  # --resume: a finished run is reused as it is
+                    seconds = json.loads(done.read_text(encoding="utf-8"))["seconds"]
+                    progress.update(bar, advance=steps * STEP_WEIGHT)
+                else:
+                    stage(f"train {method} (seed {seed}): step 0/{steps}")
+                    t0 = time.perf_counter()
+                    on_step = lambda step, model, record, m=method, sd=seed: progress.update(  # noqa: E731
+                        bar, advance=STEP_WEIGHT, description=f"train {m} (seed {sd}): step {step}/{steps}")
+                    if checkpoint_dirs(run):  # interrupted mid-run: continue from its newest checkpoint
+                        train(None, resume=run, progress=False, on_step=on_step)
+                    else:
+                        train(config, progress=False, on_step=on_step, overwrite=run.exists())
+                    seconds = time.perf_counter() - t0
+                    write_json_atomic(done, {"seconds": seconds})
                 arm = study["methods"][method]
-                arm["seconds"].append(time.perf_counter() - t0)
+                arm["seconds"].append(seconds)
                 arm["runs"].append(str(run))
                 arm["train_loss"].append([r["loss"] for r in read_metrics(run) if "loss" in r])
                 arm["lr"] = config.optim.lr
-                timings["train"] += time.perf_counter() - t0
+                timings["train"] += seconds
 
         t0 = time.perf_counter()  # 3. evaluation
-        targets = [("base", model_name)] + [(m, r) for m in METHODS for r in study["methods"][m]["runs"]]
-        for name, target in targets:
+        targets = [("base", model_name, out / "base-eval.json")] + [
+            (m, r, Path(r) / "eval.json") for m in METHODS for r in study["methods"][m]["runs"]]
+        for name, target, saved in targets:
             model, tokenizer, identity = resolve_target(str(target), model=model_name)
             if name in METHODS:
                 _record_size(study, name, model)
-            result: dict[str, Any] = {"tasks": {}, "identity": identity}
-            for task in TASKS:
-                stage(f"evaluate {name}: {task}")
-                n = study["mmlu_per_subject"] if task == "mmlu" else limit
-                result["tasks"].update(evaluate(model, tokenizer, [task], limit=n)["tasks"])
-                progress.update(bar, advance=EVAL_WEIGHT)
+            if saved.is_file():  # --resume: evaluated before
+                result = json.loads(saved.read_text(encoding="utf-8"))
+                progress.update(bar, advance=EVAL_WEIGHT * len(TASKS))
+            else:
+                result = {"tasks": {}, "identity": identity, "limit": limit}
+                for task in TASKS:
+                    stage(f"evaluate {name}: {task}")
+                    n = study["mmlu_per_subject"] if task == "mmlu" else limit
+                    result["tasks"].update(evaluate(model, tokenizer, [task], limit=n)["tasks"])
+                    progress.update(bar, advance=EVAL_WEIGHT)
+                write_json_atomic(saved, result)
             study["evals"].setdefault(name, []).append(result)
-            if name != "base":
-                write_json_atomic(Path(target) / "eval.json", result)
             del model
         timings["eval"] = time.perf_counter() - t0
         study["data_sizes"] = _data_sizes(limit)

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 import torch
 
 from .errors import MultiLoRAError
-from .io import write_json_atomic
+from .io import fsync_dir, fsync_tree, write_json_atomic
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -148,6 +148,23 @@ def tiny_model(family: str = "llama", vocab_size: int = 49152, **overrides: Any)
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
 
 
+TINY_MODEL = "tiny-llama"  # a tiny random model with the embedded tokenizer (demo --quick, docs)
+_TINY_FILES = (("config.json",), ("model.safetensors",), ("tokenizer_config.json",))
+
+
+def tiny_model_path() -> Path:
+    """A cached local folder holding `tiny_model("llama")` (seed 0) and the embedded tokenizer."""
+
+    def build(folder: Path) -> None:
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            model = tiny_model("llama")
+        model.save_pretrained(folder)
+        embedded_tokenizer().save_pretrained(folder)
+
+    return _cached_folder(TINY_MODEL, _TINY_FILES, build)
+
+
 # --- internals ---------------------------------------------------------------------------------
 
 
@@ -231,30 +248,12 @@ def _cached_folder(name: str, required: tuple[tuple[str, ...], ...], build: Call
         try:
             tmp.chmod(0o755)  # mkdtemp makes it 0700
             build(tmp)
-            _fsync_tree(tmp)
+            fsync_tree(tmp)
             os.replace(tmp, final)
-            _fsync_dir(root)
+            fsync_dir(root)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)  # no-op after a successful rename
     return final
-
-
-def _fsync_tree(folder: Path) -> None:
-    """Flush every file in `folder` (and the folder itself) to disk."""
-    for path in folder.iterdir():
-        if path.is_file():
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
-    _fsync_dir(folder)
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Flush a folder's entries to disk."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_source(folder: Path, gguf: Path) -> None:

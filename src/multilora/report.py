@@ -160,8 +160,33 @@ def verdict(study: dict) -> str:
             text += (f" The differences are within two standard errors (about ±{200 * se:.1f} points for "
                      f"{n_items} scored items), so this run cannot separate the methods")
             text += "; more steps, items and seeds (`--steps`, `--seeds`) would." if len(study["seeds"]) < 3 else "."
+        if "base" in study["evals"]:
+            base = statistics.fmean(mean_accuracy(study, "base"))
+            best = max(means, key=means.get)
+            text += (f" The untuned base model scores {100 * base:.1f}%; the best fine-tuned model ({best}) "
+                     f"{'gains' if means[best] > base else 'does not gain'} over it"
+                     f" ({100 * (means[best] - base):+.1f} points).")
         parts.append(text)
+    dynamics = loss_trends(study)
+    if dynamics:
+        rising = [m for m, (a, b) in dynamics.items() if b > a]
+        parts.append("**Training loss**, mean of the first vs the last quarter of the steps: "
+                     + ", ".join(f"{m} {a:.2f} → {b:.2f}" for m, (a, b) in dynamics.items()) + "."
+                     + (f" It rose for {', '.join(rising)}: with these settings that method did not learn "
+                        "from the mixture in this budget." if rising else ""))
     return "\n\n".join(parts)
+
+
+def loss_trends(study: dict) -> dict[str, tuple[float, float]]:
+    """{method: (mean training loss over the first quarter of steps, over the last quarter)}, seeds pooled."""
+    out = {}
+    for name, m in study.get("methods", {}).items():
+        curves = [c for c in m.get("train_loss", []) if len(c) >= 4]
+        if curves:
+            q = min(len(c) for c in curves) // 4
+            out[name] = (statistics.fmean(x for c in curves for x in c[:q]),
+                         statistics.fmean(x for c in curves for x in c[-q:]))
+    return out
 
 
 def loss_curves_png(study: dict, path: Path) -> Path:
@@ -256,3 +281,13 @@ def write_report(study: dict, out_dir: str | Path) -> Path:
     path = out / "report.md"
     write_text_atomic(path, "\n".join(md))
     return path
+
+
+def rebuild_report(out_dir: str | Path) -> Path:
+    """Rewrite report.md of a finished demo folder from its study.json and analysis/analysis.json."""
+    import json
+
+    out = Path(out_dir)
+    study = json.loads((out / "study.json").read_text(encoding="utf-8"))
+    study["analysis"] = json.loads((out / study.get("analysis_dir", "analysis") / "analysis.json").read_text(encoding="utf-8"))
+    return write_report(study, out)

@@ -44,7 +44,7 @@ from torch import nn
 from .config import TrainConfig, config_from_flat, flatten, help_text, load_config, valid_keys
 from .data import IGNORE, Example, MixtureSampler, collate, tokenize_example
 from .errors import MultiLoRAError
-from .io import write_json_atomic, write_text_atomic
+from .io import fsync_dir, write_json_atomic, write_text_atomic
 
 CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
@@ -290,21 +290,13 @@ def _save_checkpoint(accelerator: Any, run_dir: Path, step: int, sampler: Mixtur
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _fsync_dir(root)
+        fsync_dir(root)
         for _, old in checkpoint_dirs(run_dir)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
         for stale in root.glob(".step-*.tmp"):  # left by a killed save
             shutil.rmtree(stale, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _trainable(model: nn.Module) -> dict[str, nn.Parameter]:

@@ -1,0 +1,91 @@
+"""Splice generated results into README.md between marker comments, so no number is typed by hand.
+
+    python tools/update_readme.py --demo runs/demo-2026-11-29          # report table, figure, wall time
+    python tools/update_readme.py --bench-layer bench_layer.txt        # printed output of bench_layer.py
+
+Blocks: <!-- demo:start --> ... <!-- demo:end --> and <!-- bench-layer:start --> ... <!-- bench-layer:end -->.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import re
+import shutil
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def section(markdown: str, title: str) -> str:
+    """The body of the `## title` section of a markdown text."""
+    m = re.search(rf"^## {re.escape(title)}\n(.*?)(?=^## |\Z)", markdown, flags=re.S | re.M)
+    if not m:
+        raise SystemExit(f"no '## {title}' section in the report")
+    return m.group(1).strip()
+
+
+def demo_block(run: Path) -> str:
+    """README text for a finished demo folder: verdict, per-task table, one spectra figure, wall time."""
+    report = (run / "report.md").read_text(encoding="utf-8")
+    study = json.loads((run / "study.json").read_text(encoding="utf-8"))
+    verdict = report.split("## What was run")[0].split("\n", 1)[1].strip()
+    docs = ROOT / "docs"
+    docs.mkdir(exist_ok=True)
+    shutil.copyfile(run / "analysis" / "spectra.png", docs / "demo-spectra.png")
+    shutil.copyfile(run / "loss_curves.png", docs / "demo-loss.png")
+    t = study["timings"]
+    date = run.stat().st_mtime
+    import datetime
+
+    when = datetime.datetime.fromtimestamp(date, datetime.timezone.utc).strftime("%Y-%m-%d")
+    wall = (f"{t['total'] / 60:.1f} min wall time (training {t['train']:.0f} s, evaluation {t['eval']:.0f} s, "
+            f"analysis {t['analyze']:.0f} s)" + (f", after a one-time model conversion of {t['convert']:.0f} s"
+                                                  if t.get("convert") else ""))
+    return "\n".join([
+        f"`multilora demo` on {when}, {platform.machine()} Linux VM with 2 CPU cores, no GPU: "
+        f"{study['steps']} steps per method, {len(study['seeds'])} seed(s); {wall}.",
+        "",
+        section(report, "Scores per task"),
+        "",
+        verdict,
+        "",
+        "![Normalized singular-value spectra of dW per module type](docs/demo-spectra.png)",
+        "",
+        "![Training loss per method](docs/demo-loss.png)",
+    ])
+
+
+def splice(readme: str, name: str, body: str) -> str:
+    """Replace the text between <!-- name:start --> and <!-- name:end -->."""
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    if start not in readme or end not in readme:
+        raise SystemExit(f"README.md lacks the markers {start} ... {end}")
+    head, rest = readme.split(start, 1)
+    _, tail = rest.split(end, 1)
+    return f"{head}{start}\n{body}\n{end}{tail}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--demo", type=Path, help="a finished `multilora demo` folder")
+    parser.add_argument("--bench-layer", type=Path, help="a file holding the printed output of bench_layer.py")
+    args = parser.parse_args()
+    path = ROOT / "README.md"
+    readme = path.read_text(encoding="utf-8")
+    if args.demo:
+        readme = splice(readme, "demo", demo_block(args.demo))
+    if args.bench_layer:
+        text = args.bench_layer.read_text(encoding="utf-8")
+        skip = ("built ", "ran ", "wrote ", "rc=", "warnings.warn(")
+        text = "\n".join(line for line in text.splitlines()
+                         if not line.lstrip().startswith(skip) and "Warning:" not in line)
+        readme = splice(readme, "bench-layer", f"```text\n{text.strip()}\n```")
+    tmp = path.with_suffix(".md.tmp")
+    tmp.write_text(readme, encoding="utf-8")
+    tmp.replace(path)
+
+
+if __name__ == "__main__":
+    main()
