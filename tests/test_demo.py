@@ -69,3 +69,15 @@ def test_demo_refuses_an_existing_folder_and_resumes_reusing_finished_runs(tmp_p
     assert (out / "lora-seed0" / "adapter.safetensors").read_bytes() == lora_adapter
     assert (out / "lora-seed0" / "eval.json").stat().st_mtime_ns == lora_mtime  # reused, not re-evaluated
     assert main(["demo", "--quick", "--steps", "2", "--limit", "2", "--out", str(out), "--overwrite"]) == 0
+
+
+def test_demo_with_two_seeds_reports_mean_and_std(tmp_path, monkeypatch):
+    monkeypatch.setenv("MULTILORA_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--steps", "2", "--limit", "2", "--seeds", "2", "--out", str(out)]) == 0
+    study = json.loads((out / "study.json").read_text())
+    assert all(len(study["methods"][m]["runs"]) == 2 for m in METHODS) and len(study["evals"]["lora"]) == 2
+    report = (out / "report.md").read_text()
+    assert "Mean ± standard deviation over seeds" in report
+    alpaca = next(line for line in report.splitlines() if line.startswith("| alpaca"))
+    assert alpaca.count("±") == 4  # base, lora, multilora, full
