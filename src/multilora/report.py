@@ -14,7 +14,6 @@ from __future__ import annotations
 import math
 import statistics
 from pathlib import Path
-from typing import Any
 
 from .io import write_text_atomic
 
