@@ -53,6 +53,14 @@ def test_export_peft_and_merged_from_an_adapter_folder(tmp_path, tiny_folder, ca
     cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     assert cfg["r"] == 8 and cfg["base_model_name_or_path"] == str(tiny_folder)
 
+    assert main(["export", str(tmp_path / "ad"), "--out", str(tmp_path / "vllm"), "--pad-to", "12"]) == 0
+    assert json.loads((tmp_path / "vllm" / "adapter_config.json").read_text())["r"] == 12
+    assert main(["import-peft", str(tmp_path / "peft"), "--out", str(tmp_path / "imported")]) == 0
+    imported = ml.load_adapter(ml.models.load_model(str(tiny_folder))[0], tmp_path / "imported")
+    with torch.no_grad():
+        torch.testing.assert_close(imported(tokens).logits, expected, rtol=1e-5, atol=1e-5)
+    assert main(["export", str(tmp_path / "ad"), "--out", str(tmp_path / "x"), "--pad-to", "4"]) == 2  # < n*r
+
     assert main(["export", str(tmp_path / "ad"), "--format", "merged", "--out", str(tmp_path / "merged")]) == 0
     merged, _ = ml.models.load_model(str(tmp_path / "merged"))
     with torch.no_grad():

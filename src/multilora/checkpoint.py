@@ -63,13 +63,28 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike) -> Path:
         raise MultiLoRAError("this model has no MultiLoRA adapter to save; call multilora.inject(model, config) first")
     if any(m.merged for m in modules.values()):
         raise MultiLoRAError("the adapter is merged into the base weights; call multilora.unmerge(model) before saving it")
-    config: MultiLoRAConfig = model.multilora_config
-    out = Path(out_dir)
+    first = next(iter(modules.values()))
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in adapter_parameters(model).items()}
+    return write_adapter_folder(out_dir, model.multilora_config, tensors, list(modules), first.is_conv1d,
+                                base_model_info(model))
+
+
+def write_adapter_folder(
+    out_dir: str | os.PathLike,
+    config: MultiLoRAConfig,
+    tensors: dict[str, torch.Tensor],
+    modules: list[str],
+    fan_in_fan_out: bool,
+    base_model: dict[str, Any],
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write adapter.safetensors + adapter_config.json exactly as `save_adapter` does (same keys, sha256)."""
+    out = Path(out_dir)
     weights = out / WEIGHTS_NAME
     with atomic_path(weights) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
-    first = next(iter(modules.values()))
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
+                  metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
+    first = next(iter(tensors.values()))
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -78,10 +93,11 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike) -> Path:
         **config.layer_options(),
         "targets": config.targets,
         "modules": list(modules),
-        "fan_in_fan_out": first.is_conv1d,
-        "dtype": str(first.lora_A.dtype).removeprefix("torch."),
-        "base_model": base_model_info(model),
+        "fan_in_fan_out": fan_in_fan_out,
+        "dtype": str(first.dtype).removeprefix("torch."),
+        "base_model": base_model,
         "weights_sha256": sha256_file(weights),
+        **(extra or {}),
     }
     write_json_atomic(out / CONFIG_NAME, meta)
     return out

@@ -14,17 +14,17 @@ from .analyze import add_analyze_arguments, run_analyze_cli
 from .demo import DEFAULT_STEPS, EVAL_LIMIT, QUICK_EVAL_LIMIT, QUICK_STEPS
 from .errors import MultiLoRAError
 from .evaluate import add_eval_arguments, run_eval_cli
+from .export import add_export_serving_arguments, add_import_peft_arguments, run_export_peft_cli, run_import_peft_cli
 from .train import add_train_arguments
 
 
 def cmd_export(args: argparse.Namespace) -> None:
     """Export an adapter folder as a PEFT LoRA adapter or as a merged full model."""
-    from .export import export_peft
-
     if args.format == "peft":
-        out = export_peft(args.adapter, args.out, base_model_name_or_path=args.model)
-        print(f"wrote PEFT LoRA adapter to {out} (load it with peft.PeftModel.from_pretrained)")
+        run_export_peft_cli(args)
         return
+    if args.pad_to is not None or args.server is not None:
+        raise MultiLoRAError("--pad-to and --server apply to --format peft only")
     from .checkpoint import load_adapter, read_adapter
     from .inject import unload
     from .models import load_model
@@ -125,13 +125,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="export an adapter folder to PEFT LoRA or to a merged model",
                        description="Export an adapter folder (adapter.safetensors + adapter_config.json). "
-                       "--format peft writes a rank n*r PEFT LoRA adapter (lossless); --format merged "
-                       "writes a full model folder with the update merged into the weights.")
+                       "--format peft writes a rank n*r PEFT LoRA adapter (lossless; --pad-to / --server "
+                       "pad the rank with zeros for a LoRA server and warn about what it would reject); "
+                       "--format merged writes a full model folder with the update merged into the weights.")
     p.add_argument("adapter", help="adapter folder written by multilora")
     p.add_argument("--format", choices=["peft", "merged"], default="peft", help="output format (default: peft)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--model", default=None, help="base model (default: the one recorded in the adapter)")
+    add_export_serving_arguments(p)
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("import-peft", help="turn a PEFT LoRA adapter into a multilora adapter (n = 1)",
+                       description="Import a PEFT LoRA adapter folder (adapter_config.json + "
+                       "adapter_model.safetensors) as a multilora LoRA adapter (n = 1, LoRA init), so it can "
+                       "be evaluated, analyzed, exported or trained further.")
+    add_import_peft_arguments(p)
+    p.set_defaults(func=run_import_peft_cli)
     return parser
 
 
