@@ -682,11 +682,16 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
     p.add_argument("--dry-run", action="store_true", help="validate the config, build the training plan, print it; no training")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--report-to", choices=REPORT_TO, default=None,
+                   help="also log loss (overall and per task), lr, grad norm, tokens/s and evaluations to "
+                        "TensorBoard event files in the run folder (needs `pip install tensorboard`; the same "
+                        "as --train.log_tensorboard true); 'none': metrics.jsonl only (the default)")
     for key in valid_keys():  # known so that their values are never taken for the CONFIG positional
         p.add_argument(f"--{key}", dest=f"{_OVERRIDE}{key}", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
 
 _OVERRIDE = "override:"
+REPORT_TO = ("tensorboard", "none")  # --report-to X: train.log_tensorboard (metrics.jsonl is always written)
 
 
 def _overrides_from(args: argparse.Namespace, extra: list[str]) -> list[str]:
@@ -705,6 +710,9 @@ def _overrides_from(args: argparse.Namespace, extra: list[str]) -> list[str]:
 def run_train_cli(args: argparse.Namespace, overrides: list[str]) -> None:
     """The `multilora train` command: load + validate the config, then train (or resume, or dry-run)."""
     overrides = _overrides_from(args, overrides)
+    report_to = getattr(args, "report_to", None)
+    if report_to is not None:  # last, so it wins over a --train.log_tensorboard given too
+        overrides += ["--train.log_tensorboard", "true" if report_to == "tensorboard" else "false"]
     if args.config is None and args.resume is None:
         raise MultiLoRAError("name a config file (multilora train recipes/demo-multilora.yaml) or --resume RUN")
     if args.resume is not None:
