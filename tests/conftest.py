@@ -28,6 +28,18 @@ def make_tiny(family: str, seed: int = 0) -> torch.nn.Module:
     return model.eval()
 
 
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """A save_pretrained folder: tiny random Llama (vocab of the embedded tokenizer) + that tokenizer."""
+    from multilora.models import embedded_tokenizer, tiny_model
+
+    d = tmp_path_factory.mktemp("tiny")
+    torch.manual_seed(0)
+    tiny_model("llama").save_pretrained(d)
+    embedded_tokenizer().save_pretrained(d)
+    return d
+
+
 @pytest.fixture(params=["llama", "gpt2"])
 def family(request) -> str:
     return request.param

@@ -9,17 +9,6 @@ import torch
 
 import multilora as ml
 from multilora.cli import main
-from multilora.models import embedded_tokenizer, tiny_model
-
-
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
-    """A tiny Llama-style model with the embedded tokenizer, saved as a local model folder."""
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    torch.manual_seed(0)
-    tiny_model("llama").save_pretrained(folder)
-    embedded_tokenizer().save_pretrained(folder)
-    return folder
 
 
 def test_version_and_help(capsys):
@@ -38,8 +27,8 @@ def test_user_errors_exit_2_with_one_line(capsys, tmp_path):
     assert e.value.code == 2
 
 
-def test_export_peft_and_merged_from_an_adapter_folder(tmp_path, tiny_folder, capsys):
-    model, _ = ml.models.load_model(str(tiny_folder))
+def test_export_peft_and_merged_from_an_adapter_folder(tmp_path, tiny_dir, capsys):
+    model, _ = ml.models.load_model(str(tiny_dir))
     ml.inject(model, ml.MultiLoRAConfig(n=2, r=4, targets="all-linear"))
     with torch.no_grad():
         for p in ml.adapter_parameters(model).values():
@@ -51,12 +40,12 @@ def test_export_peft_and_merged_from_an_adapter_folder(tmp_path, tiny_folder, ca
 
     assert main(["export", str(tmp_path / "ad"), "--out", str(tmp_path / "peft")]) == 0
     cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
-    assert cfg["r"] == 8 and cfg["base_model_name_or_path"] == str(tiny_folder)
+    assert cfg["r"] == 8 and cfg["base_model_name_or_path"] == str(tiny_dir)
 
     assert main(["export", str(tmp_path / "ad"), "--out", str(tmp_path / "vllm"), "--pad-to", "12"]) == 0
     assert json.loads((tmp_path / "vllm" / "adapter_config.json").read_text())["r"] == 12
     assert main(["import-peft", str(tmp_path / "peft"), "--out", str(tmp_path / "imported")]) == 0
-    imported = ml.load_adapter(ml.models.load_model(str(tiny_folder))[0], tmp_path / "imported")
+    imported = ml.load_adapter(ml.models.load_model(str(tiny_dir))[0], tmp_path / "imported")
     with torch.no_grad():
         torch.testing.assert_close(imported(tokens).logits, expected, rtol=1e-5, atol=1e-5)
     assert main(["export", str(tmp_path / "ad"), "--out", str(tmp_path / "x"), "--pad-to", "4"]) == 2  # < n*r

@@ -7,23 +7,10 @@ import argparse
 from pathlib import Path
 
 import pytest
-import torch
 
 from multilora.train import add_train_arguments, read_metrics, run_train_cli
 
 pytest.importorskip("tensorboard")
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    """A save_pretrained folder: tiny random Llama (vocab of the embedded tokenizer) + that tokenizer."""
-    from multilora.models import embedded_tokenizer, tiny_model
-
-    d = tmp_path_factory.mktemp("tiny")
-    torch.manual_seed(0)
-    tiny_model("llama").save_pretrained(d)
-    embedded_tokenizer().save_pretrained(d)
-    return d
 
 
 def cli(argv: list[str]) -> None:

@@ -28,18 +28,6 @@ ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    """A save_pretrained folder: tiny random Llama (vocab of the embedded tokenizer) + that tokenizer."""
-    from multilora.models import embedded_tokenizer, tiny_model
-
-    d = tmp_path_factory.mktemp("tiny")
-    torch.manual_seed(0)
-    tiny_model("llama").save_pretrained(d)
-    embedded_tokenizer().save_pretrained(d)
-    return d
-
-
 def overrides(tiny_dir: Path, out: Path, method: str = "multilora", steps: int = 6, **extra) -> list[str]:
     """Command-line overrides of a small, fast run."""
     args = {"model": str(tiny_dir), "method": method, "output_dir": str(out), "data.tasks": "[rte, wic]",
