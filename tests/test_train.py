@@ -280,6 +280,26 @@ def test_existing_run_folder_is_not_overwritten(tiny_dir, tmp_path):
     assert not (run / "precious.txt").exists() and (run / "adapter.safetensors").is_file()
 
 
+def test_a_second_trainer_on_the_same_run_folder_is_refused(tiny_dir, tmp_path):
+    run = tmp_path / "run"
+    holder = subprocess.Popen(  # another process holding the run folder, as a running `multilora train` does
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from multilora.train import _lock_run_dir; "
+         "_lock_run_dir(Path(sys.argv[1])); print('locked', flush=True); time.sleep(60)", str(run)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        config = load_config(None, overrides(tiny_dir, run, steps=1))
+        with pytest.raises(MultiLoRAError, match=rf"in use by a training process \(pid {holder.pid},"):
+            train(config, progress=False)
+        assert not run.exists()  # refused before touching anything
+    finally:
+        holder.kill()
+        holder.wait()
+    train(config, progress=False)  # the dead holder's lock file does not block (the kernel released the lock)
+    assert (run / "adapter.safetensors").is_file()
+    train(load_config(None, overrides(tiny_dir, run, steps=1)), overwrite=True, progress=False)  # same process again
+
+
 def test_resume_refuses_a_changed_config_and_a_folder_without_checkpoints(tiny_dir, tmp_path):
     import argparse
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import fcntl
 import json
 import math
 import os
@@ -394,6 +395,37 @@ def save_adapter_from_state(config: TrainConfig, model_config: Any, state: dict[
     return save_adapter(shadow, out_dir)
 
 
+def _lock_run_dir(run_dir: Path) -> Any:
+    """Hold an exclusive lock for `run_dir` (a file beside it, with our PID); refuse if another process holds it.
+
+    The lock is an flock, so the kernel releases it when its process dies: a stale lock file from a
+    killed run never blocks the next one.
+    """
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    path = run_dir.parent / f".{run_dir.name}.lock"
+    earlier = _HELD_LOCKS.pop(str(path), None)  # left by an earlier train() of this process that raised
+    if earlier is not None:
+        earlier.close()
+    fh = open(path, "a+")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.seek(0)
+        owner = fh.read().strip() or "another process"
+        fh.close()
+        raise MultiLoRAError(f"run folder {run_dir} is in use by a training process (pid {owner}, lock {path}); "
+                             "wait for it to finish or choose another output_dir") from None
+    fh.seek(0)
+    fh.truncate()
+    fh.write(str(os.getpid()))
+    fh.flush()
+    _HELD_LOCKS[str(path)] = fh
+    return fh
+
+
+_HELD_LOCKS: dict[str, Any] = {}
+
+
 def _prepare_run_dir(config: TrainConfig, overwrite: bool, is_main: bool) -> Path:
     run_dir = Path(config.output_dir)
     if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
@@ -463,6 +495,7 @@ def train(config: TrainConfig | None, *, resume: str | os.PathLike | None = None
     except ValueError as e:
         raise MultiLoRAError(f"cannot set up accelerate with train.mixed_precision = "
                              f"{config.train.mixed_precision!r} ({e}); use 'no' or 'bf16' on CPU") from None
+    lock = _lock_run_dir(run_dir) if accelerator.is_main_process else None  # held until this process exits
     if resume is None:
         _prepare_run_dir(config, overwrite, accelerator.is_main_process)
         accelerator.wait_for_everyone()
@@ -611,6 +644,9 @@ def train(config: TrainConfig | None, *, resume: str | os.PathLike | None = None
             signal.signal(sig, handler)
         if cfg.train.log_tensorboard:
             accelerator.end_training()
+        if lock is not None:
+            _HELD_LOCKS.pop(lock.name, None)
+            lock.close()
     return run_dir
 
 
