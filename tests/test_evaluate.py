@@ -318,7 +318,7 @@ def test_bad_targets_name_the_problem(tmp_path):
     with pytest.raises(ml.MultiLoRAError, match="neither a multilora adapter .* nor a PEFT adapter"):
         resolve_target(str(tmp_path))
     (tmp_path / "adapter_config.json").write_text("{not json")
-    with pytest.raises(ml.MultiLoRAError, match="is not readable JSON"):
+    with pytest.raises(ml.MultiLoRAError, match="is not valid JSON"):
         resolve_target(str(tmp_path))
     run = tmp_path / "run"
     (run / "checkpoints" / "step-10").mkdir(parents=True)

@@ -53,7 +53,7 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from .errors import MultiLoRAError
-from .io import atomic_path, write_json_atomic, write_text_atomic
+from .io import atomic_path, read_json_object, write_json_atomic, write_text_atomic
 from .layers import fuse
 
 ANALYSIS_VERSION = 1
@@ -187,13 +187,10 @@ def detect_kind(path: str | Path) -> str:
         raise MultiLoRAError(f"{d} is not a folder: pass an adapter folder, a PEFT LoRA adapter or a run folder")
     cfg = d / "adapter_config.json"
     if cfg.is_file():
-        try:
-            meta = json.loads(cfg.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise MultiLoRAError(f"{cfg} is not valid JSON ({e}); re-save the adapter") from None
-        if isinstance(meta, dict) and "peft_type" in meta:
+        meta = read_json_object(cfg, fix="re-save the adapter")
+        if "peft_type" in meta:
             return "peft"
-        if isinstance(meta, dict) and meta.get("method") == "full":
+        if meta.get("method") == "full":
             return "full"
         return "multilora"  # read_adapter validates it and names any problem
     if any((d / f).is_file() for f in _FULL_WEIGHTS):

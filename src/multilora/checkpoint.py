@@ -12,7 +12,6 @@ Both files are written atomically; tensors first, then the config that vouches f
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ from . import __version__
 from .errors import MultiLoRAError
 from .inject import MultiLoRAConfig, adapter_modules, adapter_parameters, inject, linear_layers, refuse_if_injected
 from .layers import in_out_features, parameter_shapes
-from .io import atomic_path, write_json_atomic
+from .io import atomic_path, read_json_object, write_json_atomic
 
 FORMAT = "multilora-adapter"
 FORMAT_VERSION = 1
@@ -112,12 +111,7 @@ def read_adapter(adapter_dir: str | os.PathLike) -> tuple[dict[str, Any], dict[s
     for p in (cfg_path, weights):
         if not p.is_file():
             raise MultiLoRAError(f"{p} is missing: an adapter folder holds {WEIGHTS_NAME} and {CONFIG_NAME}")
-    try:
-        meta = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise MultiLoRAError(f"{cfg_path} is not valid JSON ({e}); re-save the adapter") from None
-    if not isinstance(meta, dict):
-        raise MultiLoRAError(f"{cfg_path} must hold a JSON object, got {type(meta).__name__}")
+    meta = read_json_object(cfg_path, fix="re-save the adapter")
     if meta.get("format") != FORMAT:
         hint = " (it looks like a PEFT adapter; use it with peft, or import it)" if "peft_type" in meta else ""
         raise MultiLoRAError(f"{cfg_path} is not a multilora adapter config (format={meta.get('format')!r}){hint}")

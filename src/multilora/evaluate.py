@@ -26,7 +26,6 @@ perplexity of its held-out responses (prompt tokens carry no loss, as in trainin
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
@@ -40,7 +39,7 @@ from torch import nn
 
 from .data import IGNORE, MCItem, collate, encode_prompt, render, tokenize_example
 from .errors import MultiLoRAError
-from .io import write_json_atomic
+from .io import read_json_object, write_json_atomic
 
 DEFAULT_TASKS = "mmlu,boolq,rte,wic"
 EVAL_NAME = "eval.json"
@@ -447,16 +446,6 @@ def make_eval_fn(tokenizer: Any, tasks: Sequence[str], shots: int = 0, limit: in
 # ----------------------------------------------------------------------------- targets
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise MultiLoRAError(f"{path} is not readable JSON ({type(e).__name__}: {e}); fix or re-save it") from None
-    if not isinstance(data, dict):
-        raise MultiLoRAError(f"{path} must hold a JSON object, got {type(data).__name__}")
-    return data
-
-
 def _run_config_model(folder: Path) -> str | None:
     """The base model named in a run folder's config.yaml (`model: NAME` or `model: {name: ...}`), if any."""
     path = folder / "config.yaml"
@@ -487,7 +476,7 @@ def resolve_target(target: str, model: str | None = None) -> tuple[nn.Module, An
         m, tok = load_model(DEFAULT_MODEL)
         source = embedded_model_path() / SOURCE_FILE
         return m, tok, {"target": DEFAULT_MODEL, "kind": "model", "base_model": DEFAULT_MODEL,
-                        "source": _read_json(source) if source.is_file() else None}
+                        "source": read_json_object(source) if source.is_file() else None}
     folder = Path(target).expanduser()
     what = ("pass a run or adapter folder (adapter_config.json), a PEFT adapter folder, a model folder "
             f"(config.json) or '{DEFAULT_MODEL}'")
@@ -495,7 +484,7 @@ def resolve_target(target: str, model: str | None = None) -> tuple[nn.Module, An
         raise MultiLoRAError(f"eval target '{target}' is {'a file' if folder.exists() else 'not a folder'}; {what}")
     ident: dict[str, Any] = {"target": str(target), "path": str(folder.resolve())}
     if (folder / "adapter_config.json").is_file():
-        meta = _read_json(folder / "adapter_config.json")
+        meta = read_json_object(folder / "adapter_config.json")
         if meta.get("format") == "multilora-adapter":
             from .checkpoint import load_adapter, read_adapter
 
@@ -529,7 +518,7 @@ def resolve_target(target: str, model: str | None = None) -> tuple[nn.Module, An
         m, tok = load_model(folder)
         ident.update(kind="model", base_model=str(folder))
         if (folder / "full_model.json").is_file():  # a full fine-tuning run folder
-            full = _read_json(folder / "full_model.json")
+            full = read_json_object(folder / "full_model.json")
             ident.update(kind="full", base_model=str((full.get("base_model") or {}).get("name_or_path") or folder),
                          weights_sha256=full.get("weights_sha256"))
         return m, tok, ident
@@ -596,7 +585,7 @@ def read_result(path: str | Path) -> dict:
     file = path / EVAL_NAME if path.is_dir() else path
     if not file.is_file():
         raise MultiLoRAError(f"{file} not found; run `multilora eval {path}` first, or pass an eval.json file")
-    data = _read_json(file)
+    data = read_json_object(file)
     if not isinstance(data.get("tasks"), dict) or "settings" not in data:
         raise MultiLoRAError(f"{file} is not a multilora eval result (no 'tasks'/'settings'); pass an eval.json")
     return data

@@ -47,7 +47,7 @@ from .checkpoint import (
 )
 from .errors import MultiLoRAError
 from .inject import MultiLoRAConfig, adapter_modules, linear_layers
-from .io import atomic_path, write_json_atomic
+from .io import atomic_path, read_json_object, write_json_atomic
 from .layers import fuse
 
 PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
@@ -271,12 +271,7 @@ def import_peft(
         raise MultiLoRAError(f"{weights} is missing: a PEFT adapter folder holds {PEFT_WEIGHTS_NAME} and {PEFT_CONFIG_NAME}")
     if not cfg_path.is_file():
         raise MultiLoRAError(f"{cfg_path} is missing: a PEFT adapter folder holds {PEFT_WEIGHTS_NAME} and {PEFT_CONFIG_NAME}")
-    try:
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise MultiLoRAError(f"{cfg_path} is not valid JSON ({e})") from None
-    if not isinstance(cfg, dict):
-        raise MultiLoRAError(f"{cfg_path} must hold a JSON object, got {type(cfg).__name__}")
+    cfg = read_json_object(cfg_path)
     if cfg.get("format") == FORMAT:
         raise MultiLoRAError(f"{d} is already a multilora adapter folder; use it directly")
     _refuse_same_folder(d, out_dir)

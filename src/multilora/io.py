@@ -12,6 +12,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+from .errors import MultiLoRAError
+
 
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
@@ -60,3 +62,16 @@ def fsync_tree(folder: str | os.PathLike) -> None:
             with open(path, "rb") as f:
                 os.fsync(f.fileno())
     fsync_dir(folder)
+
+
+def read_json_object(path: str | os.PathLike, fix: str = "fix or re-save it") -> dict[str, Any]:
+    """The JSON object in `path`, or a MultiLoRAError naming the file and what is wrong with it."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as e:
+        raise MultiLoRAError(f"cannot read {path} ({e.strerror or e})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MultiLoRAError(f"{path} is not valid JSON ({e}); {fix}") from None
+    if not isinstance(data, dict):
+        raise MultiLoRAError(f"{path} must hold a JSON object, got {type(data).__name__}")
+    return data
