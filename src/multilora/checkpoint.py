@@ -23,7 +23,8 @@ from torch import nn
 
 from . import __version__
 from .errors import MultiLoRAError
-from .inject import MultiLoRAConfig, adapter_modules, adapter_parameters, inject, linear_layers, refuse_if_injected
+from .inject import (MultiLoRAConfig, adapter_parameters, inject, linear_layers, refuse_if_injected,
+                     unmerged_adapter_modules)
 from .layers import in_out_features, parameter_shapes
 from .io import atomic_path, read_json_object, write_json_atomic
 
@@ -57,11 +58,7 @@ def base_model_info(model: nn.Module) -> dict[str, Any]:
 
 def save_adapter(model: nn.Module, out_dir: str | os.PathLike) -> Path:
     """Write the model's adapter to `out_dir` (adapter.safetensors + adapter_config.json)."""
-    modules = adapter_modules(model)
-    if not modules:
-        raise MultiLoRAError("this model has no MultiLoRA adapter to save; call multilora.inject(model, config) first")
-    if any(m.merged for m in modules.values()):
-        raise MultiLoRAError("the adapter is merged into the base weights; call multilora.unmerge(model) before saving it")
+    modules = unmerged_adapter_modules(model, "save")
     first = next(iter(modules.values()))
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in adapter_parameters(model).items()}
     return write_adapter_folder(out_dir, model.multilora_config, tensors, list(modules), first.is_conv1d,

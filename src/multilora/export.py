@@ -46,7 +46,7 @@ from .checkpoint import (
     write_adapter_folder,
 )
 from .errors import MultiLoRAError
-from .inject import MultiLoRAConfig, adapter_modules, linear_layers
+from .inject import MultiLoRAConfig, linear_layers, unmerged_adapter_modules
 from .io import atomic_path, read_json_object, write_json_atomic
 from .layers import fuse
 
@@ -216,11 +216,7 @@ def _export_peft(
 
 
 def _factors_from_model(model: nn.Module) -> tuple[dict[str, Any], bool, str, list[str]]:
-    modules = adapter_modules(model)
-    if not modules:
-        raise MultiLoRAError("this model has no MultiLoRA adapter to export; call multilora.inject or load_adapter first")
-    if any(m.merged for m in modules.values()):
-        raise MultiLoRAError("the adapter is merged into the base weights; call multilora.unmerge(model) before exporting")
+    modules = unmerged_adapter_modules(model, "export")
     conv = {m.is_conv1d for m in modules.values()}
     if len(conv) > 1:
         raise MultiLoRAError("PEFT has one fan_in_fan_out flag per adapter, but this adapter mixes Conv1D and Linear layers")

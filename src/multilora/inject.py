@@ -123,6 +123,18 @@ def adapter_modules(model: nn.Module) -> dict[str, MultiLoRALinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, MultiLoRALinear)}
 
 
+def unmerged_adapter_modules(model: nn.Module, action: str) -> dict[str, MultiLoRALinear]:
+    """The model's MultiLoRA layers for `action` ("save", "export"); raise if it has none or they are merged."""
+    modules = adapter_modules(model)
+    if not modules:
+        raise MultiLoRAError(f"this model has no MultiLoRA adapter to {action}; "
+                             "call multilora.inject(model, config) or multilora.load_adapter first")
+    if any(m.merged for m in modules.values()):
+        raise MultiLoRAError(f"the adapter is merged into the base weights; call multilora.unmerge(model) "
+                             f"before you {action} it")
+    return modules
+
+
 def adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """The adapter tensors by their on-disk key `<module path>.lora_A|lora_B|lora_s`."""
     out = {}
