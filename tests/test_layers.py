@@ -167,6 +167,8 @@ def test_merge_refuses_non_finite_and_leaves_weight_alone():
         (dict(init="gaussian"), "init must be one of multilora, lora"),
         (dict(scale="matrix"), "scale must be one of vector, scalar, none"),
         (dict(scale="none", init="multilora"), "scale='none' needs init='lora'"),
+        (dict(scale_init=float("inf")), "scale_init must be a finite number"),
+        (dict(scale="none", init="lora", scale_init=0.5), "scale_init is set but scale='none'"),
     ],
 )
 def test_bad_options_are_named(kw, message):
@@ -177,3 +179,16 @@ def test_bad_options_are_named(kw, message):
 def test_only_linear_layers_can_be_wrapped():
     with pytest.raises(MultiLoRAError, match="not Embedding"):
         MultiLoRALinear(nn.Embedding(10, 4))
+
+
+@pytest.mark.parametrize("scale", ["vector", "scalar"])
+def test_scale_init_keeps_dw_zero_only_with_the_lora_init(scale):
+    x = torch.randn(4, 20)
+    for init, zero_dw in (("lora", True), ("multilora", False)):
+        layer = make_layer(n=2, r=4, init=init, scale=scale, scale_init=0.5)
+        assert torch.equal(layer.lora_s, torch.full_like(layer.lora_s, 0.5))
+        expected = loop_reference(x, layer.base.weight, layer.base.bias, layer.lora_A, layer.lora_B,
+                                  layer.lora_s, layer.alpha, layer.r)
+        torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-6)
+        assert (layer.delta_weight().abs().max() == 0) == zero_dw, init
+    assert torch.count_nonzero(make_layer(scale=scale).lora_s) == 0  # the default: s = 0, dW = 0

@@ -64,12 +64,14 @@ class MultiLoRALinear(nn.Module):
         dropout: float = 0.0,
         init: Init = "multilora",
         scale: Scale = "vector",
+        scale_init: float | None = None,
     ) -> None:
         super().__init__()
         d_in, d_out = in_out_features(base)
-        check_options(n=n, r=r, alpha=alpha, dropout=dropout, init=init, scale=scale)
+        check_options(n=n, r=r, alpha=alpha, dropout=dropout, init=init, scale=scale, scale_init=scale_init)
         self.base = base
         self.n, self.r, self.alpha, self.init, self.scale = n, r, float(alpha), init, scale
+        self.scale_init = default_scale_init(init) if scale_init is None else float(scale_init)
         self.d_in, self.d_out = d_in, d_out
         self.scaling = self.alpha / r
         self.is_conv1d = isinstance(base, Conv1D)
@@ -84,7 +86,11 @@ class MultiLoRALinear(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Initialise per MULTILORA.md §2: A (and B for `multilora`) Kaiming-uniform, dW = 0."""
+        """Initialise per MULTILORA.md §2: A (and B for `multilora`) Kaiming-uniform, s = `scale_init`.
+
+        dW = 0 at step 0 holds for `init="lora"` (B = 0) whatever s is, and for `init="multilora"`
+        only with `scale_init = 0` (the default); a non-zero value there starts the model away from the base.
+        """
         for i in range(self.n):  # init-time loop: Kaiming's fan-in must be per module
             nn.init.kaiming_uniform_(self.lora_A[i], a=math.sqrt(5))  # fan_in = d_in
             if self.init == "multilora":
@@ -92,7 +98,7 @@ class MultiLoRALinear(nn.Module):
         if self.init == "lora":
             self.lora_B.zero_()
         if self.lora_s is not None:  # multilora: s = 0 keeps dW = 0; lora init: B = 0 does
-            self.lora_s.fill_(0.0 if self.init == "multilora" else 1.0)
+            self.lora_s.fill_(self.scale_init)
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The fused factors (A_cat (n r, d_in), B_s (d_out, n r)), alpha / r included."""
@@ -141,7 +147,7 @@ class MultiLoRALinear(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"d_in={self.d_in}, d_out={self.d_out}, n={self.n}, r={self.r}, alpha={self.alpha}, "
-            f"init={self.init}, scale={self.scale}, merged={self.merged}"
+            f"init={self.init}, scale={self.scale}, scale_init={self.scale_init}, merged={self.merged}"
         )
 
 
@@ -164,7 +170,13 @@ def parameter_shapes(n: int, r: int, d_in: int, d_out: int, scale: str) -> dict[
     return shapes
 
 
-def check_options(*, n: int, r: int, alpha: float, dropout: float, init: str, scale: str) -> None:
+def default_scale_init(init: str) -> float:
+    """The initial value of the scales s: 0 for the MultiLoRA init (random B), 1 for the LoRA init (B = 0)."""
+    return 0.0 if init == "multilora" else 1.0
+
+
+def check_options(*, n: int, r: int, alpha: float, dropout: float, init: str, scale: str,
+                  scale_init: float | None = None) -> None:
     """Raise MultiLoRAError naming every invalid layer option."""
     problems = []
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
@@ -181,5 +193,10 @@ def check_options(*, n: int, r: int, alpha: float, dropout: float, init: str, sc
         problems.append(f"scale must be one of {', '.join(SCALES)}, got {scale!r}")
     elif scale == "none" and init != "lora":
         problems.append("scale='none' needs init='lora' (without scales, a random B would make dW != 0 at step 0)")
+    if scale_init is not None:
+        if not isinstance(scale_init, (int, float)) or isinstance(scale_init, bool) or not math.isfinite(scale_init):
+            problems.append(f"scale_init must be a finite number or None, got {scale_init!r}")
+        elif scale == "none":
+            problems.append("scale_init is set but scale='none' has no scales; drop scale_init or use a scale")
     if problems:
         raise MultiLoRAError("invalid adapter options: " + "; ".join(problems))
