@@ -2,8 +2,11 @@
 
     python tools/update_readme.py --demo runs/demo-2026-11-29          # report table, figure, wall time
     python tools/update_readme.py --bench-layer bench_layer.txt        # printed output of bench_layer.py
+    python tools/update_readme.py --sweep runs/sweep-dynamics          # sweep table + held-out loss figure
+    MULTILORA_RELIABILITY_JSON=rel.json pytest tests/reliability && \
+    python tools/update_readme.py --reliability rel.json                # RELIABILITY.md's figures
 
-Blocks: <!-- demo:start --> ... <!-- demo:end --> and <!-- bench-layer:start --> ... <!-- bench-layer:end -->.
+Blocks: <!-- demo:start/end -->, <!-- bench-layer:start/end --> and <!-- sweep:start/end -->.
 """
 
 from __future__ import annotations
@@ -57,11 +60,44 @@ def demo_block(run: Path) -> str:
     ])
 
 
+def sweep_block(out: Path) -> str:
+    """README text for a finished `multilora sweep` folder: its table, the run command, two figures."""
+    md = (out / "sweep.md").read_text(encoding="utf-8")
+    manifest = json.loads((out / "sweep.json").read_text(encoding="utf-8"))
+    table = "\n".join(line for line in md.split("## What was run")[0].splitlines() if line.startswith("|"))
+    docs = ROOT / "docs"
+    docs.mkdir(exist_ok=True)
+    figures = []
+    for name, caption in (("sweep-heldout.png", "Held-out loss during training, mean ± std over seeds"),
+                          ("sweep-spectrum.png", "Effective rank and top-1 energy share of dW")):
+        if (out / name).is_file():
+            shutil.copyfile(out / name, docs / name)
+            figures += [f"![{caption}](docs/{name})", ""]
+    grid = " ".join(f"--grid {' '.join(g)}" for g in manifest["grid"])
+    limit = manifest["eval"]["limit"]
+    command = (f"multilora sweep {manifest['base']} --seeds {manifest['seeds']} --limit {limit} {grid}")
+    return "\n".join([f"`{command}` ({len(manifest['runs'])} runs, {platform.machine()} Linux VM, 2 CPU cores):",
+                      "", table, "", *figures]).rstrip()
+
+
+def reliability_block(figures: Path) -> str:
+    """RELIABILITY.md's table: cases tried and protection failures per category and entry point."""
+    data = json.loads(figures.read_text(encoding="utf-8"))
+    lines = ["| category | entry point | cases tried | failures |", "|---|---|---:|---:|"]
+    for category in sorted(data):
+        for entry, cell in sorted(data[category].items()):
+            lines.append(f"| {category} | {entry} | {cell['cases']:,} | {cell['failures']} |")
+        total = sum(c["cases"] for c in data[category].values())
+        bad = sum(c["failures"] for c in data[category].values())
+        lines.append(f"| **{category}** | **all** | **{total:,}** | **{bad}** |")
+    return "\n".join(lines)
+
+
 def splice(readme: str, name: str, body: str) -> str:
     """Replace the text between <!-- name:start --> and <!-- name:end -->."""
     start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
     if start not in readme or end not in readme:
-        raise SystemExit(f"README.md lacks the markers {start} ... {end}")
+        raise SystemExit(f"the document lacks the markers {start} ... {end}")
     head, rest = readme.split(start, 1)
     _, tail = rest.split(end, 1)
     return f"{head}{start}\n{body}\n{end}{tail}"
@@ -71,19 +107,31 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--demo", type=Path, help="a finished `multilora demo` folder")
     parser.add_argument("--bench-layer", type=Path, help="a file holding the printed output of bench_layer.py")
+    parser.add_argument("--sweep", type=Path, help="a finished `multilora sweep` folder")
+    parser.add_argument("--reliability", type=Path, help="the JSON figures of a tests/reliability run (RELIABILITY.md)")
     args = parser.parse_args()
     path = ROOT / "README.md"
     readme = path.read_text(encoding="utf-8")
     if args.demo:
         readme = splice(readme, "demo", demo_block(args.demo))
+    if args.sweep:
+        readme = splice(readme, "sweep", sweep_block(args.sweep))
     if args.bench_layer:
         text = args.bench_layer.read_text(encoding="utf-8")
         skip = ("built ", "ran ", "wrote ", "rc=", "warnings.warn(")
         text = "\n".join(line for line in text.splitlines()
                          if not line.lstrip().startswith(skip) and "Warning:" not in line)
         readme = splice(readme, "bench-layer", f"```text\n{text.strip()}\n```")
+    write(path, readme)
+    if args.reliability:
+        doc = ROOT / "RELIABILITY.md"
+        write(doc, splice(doc.read_text(encoding="utf-8"), "figures", reliability_block(args.reliability)))
+
+
+def write(path: Path, text: str) -> None:
+    """Write `text` to `path` atomically."""
     tmp = path.with_suffix(".md.tmp")
-    tmp.write_text(readme, encoding="utf-8")
+    tmp.write_text(text, encoding="utf-8")
     tmp.replace(path)
 
 

@@ -15,11 +15,15 @@ from .demo import DEFAULT_STEPS, EVAL_LIMIT, QUICK_EVAL_LIMIT, QUICK_STEPS
 from .errors import MultiLoRAError
 from .evaluate import add_eval_arguments, run_eval_cli
 from .export import add_export_serving_arguments, add_import_peft_arguments, run_export_peft_cli, run_import_peft_cli
+from .sweep import add_sweep_arguments, run_sweep_cli
 from .train import add_train_arguments
 
 
 def cmd_export(args: argparse.Namespace) -> None:
     """Export an adapter folder as a PEFT LoRA adapter or as a merged full model."""
+    from .io import check_writable_dir
+
+    check_writable_dir(args.out, "--out folder")  # before the model is loaded
     if args.format == "peft":
         run_export_peft_cli(args)
         return
@@ -36,8 +40,16 @@ def cmd_export(args: argparse.Namespace) -> None:
     model, tokenizer = load_model(model_name)
     unload(load_adapter(model, args.adapter))  # merge into the base weights, drop the adapter layers
     out = Path(args.out)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    try:
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+    except Exception as e:  # a full disk: one line, not a traceback
+        from .io import write_error, write_failure
+
+        if write_failure(e, out if out.is_dir() else out.parent) is None:
+            raise
+        raise write_error(out, e, kept="the merged model there is incomplete",
+                          fix="free space or choose another --out, and export again") from e
     print(f"wrote merged model to {out} (load it with AutoModelForCausalLM.from_pretrained)")
 
 
@@ -123,6 +135,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_analyze_arguments(p)
     p.set_defaults(func=run_analyze_cli)
 
+    p = sub.add_parser("sweep", help="train, evaluate and analyze a grid of configs x seeds, with a summary",
+                       description="Run every combination of --grid (x --seeds) as a normal run folder "
+                       "(resumable: finished runs are skipped), evaluate and analyze them, and write sweep.md, "
+                       "sweep.csv and plots (scores vs each swept key, held-out loss curves, spectra).")
+    add_sweep_arguments(p)
+    p.set_defaults(func=run_sweep_cli)
+
     p = sub.add_parser("export", help="export an adapter folder to PEFT LoRA or to a merged model",
                        description="Export an adapter folder (adapter.safetensors + adapter_config.json). "
                        "--format peft writes a rank n*r PEFT LoRA adapter (lossless; --pad-to / --server "
@@ -159,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             args.func(args)
     except MultiLoRAError as e:
-        print(f"multilora {args.command}: error: {e}", file=sys.stderr)
+        message = " ".join(str(e).splitlines())  # one line, even when a path or value holds a newline
+        print(f"multilora {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"multilora {args.command}: interrupted", file=sys.stderr)
