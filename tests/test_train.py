@@ -420,3 +420,75 @@ def test_two_processes_match_one(tiny_dir, tmp_path):
     (ea,), (eb,) = evals(one), evals(two)  # held-out loss: 10 examples, split 5 / 5 over the processes and summed
     assert ea["eval"].keys() == eb["eval"].keys() == {"loss", "loss/rte", "loss/wic"}
     assert all(abs(ea["eval"][k] - eb["eval"][k]) < 1e-4 for k in ea["eval"])
+
+
+# ----------------------------------------------------------------------------- learning-dynamics options
+
+
+def test_optimizer_groups_carry_the_lr_multipliers(tiny_dir, tmp_path):
+    from multilora.train import make_optimizer
+
+    config = load_config(None, overrides(tiny_dir, tmp_path / "r", **{"optim.lr": 1e-3, "optim.weight_decay": 0.1,
+                                                                      "optim.s_lr_mult": 10, "optim.b_lr_mult": 4}))
+    plan = build_plan(config)
+    groups = {g["name"]: g for g in plan.param_groups}
+    names = {id(p): n for n, p in plan.model.named_parameters()}
+    assert {names[id(p)].rsplit(".", 1)[-1] for p in groups["scales"]["params"]} == {"lora_s"}
+    assert {names[id(p)].rsplit(".", 1)[-1] for p in groups["lora_B"]["params"]} == {"lora_B"}
+    assert {names[id(p)].rsplit(".", 1)[-1] for p in groups["decay"]["params"]} == {"lora_A"}
+    optimizer = make_optimizer(plan)
+    got = {(len(g["params"]), g["lr"], g["weight_decay"]) for g in optimizer.param_groups}
+    layers = len(groups["scales"]["params"])
+    assert got == {(layers, 1e-3, 0.1), (layers, 4e-3, 0.1), (layers, 1e-2, 0.0)}
+
+
+def _first_step_change(tiny_dir: Path, out: Path, method: str, name: str, **extra) -> torch.Tensor:
+    """|p_1 - p_0| of every adapter tensor called `name`, concatenated, after one optimizer step."""
+    from multilora.inject import adapter_parameters
+
+    config = load_config(None, overrides(tiny_dir, out, method, steps=1, **{"optim.lr": 1e-3, "optim.grad_clip": 0,
+                                                                            "optim.warmup_steps": 0, **extra}))
+    plan_model = build_plan(config).model  # the same seed gives the same init as the run below
+    before = {k: v.detach().clone() for k, v in adapter_parameters(plan_model).items() if k.endswith(name)}
+    after = {}
+    train(config, on_step=lambda step, model, record: after.update(
+        {k: v.detach().clone() for k, v in adapter_parameters(model).items() if k.endswith(name)}), progress=False)
+    return torch.cat([(after[k] - before[k]).abs().flatten() for k in before])
+
+
+@pytest.mark.parametrize("method,name,key", [("multilora", "lora_s", "optim.s_lr_mult"),
+                                             ("lora", "lora_B", "optim.b_lr_mult")])
+def test_lr_multiplier_scales_the_first_step(tiny_dir, tmp_path, method, name, key):
+    # Adam's first step moves each parameter by lr * |g| / (|g| + eps) ~ lr: so the change of s (or B)
+    # after one step is the group's lr, and its ratio between two runs from the same init and batch is
+    # exactly the multiplier.
+    plain = _first_step_change(tiny_dir, tmp_path / "x1", method, name)
+    fast = _first_step_change(tiny_dir, tmp_path / "x10", method, name, **{key: 10})
+    moved = plain > 0
+    assert moved.float().mean() > 0.9
+    assert abs(float(plain[moved].median()) - 1e-3) < 1e-6  # (smaller only where |g| is near Adam's eps)
+    ratio = fast[moved] / plain[moved]
+    assert torch.allclose(ratio, torch.full_like(ratio, 10.0), rtol=1e-3), ratio
+
+
+def test_scale_init_sets_s_and_is_refused_where_it_does_not_apply(tiny_dir, tmp_path):
+    plan = build_plan(load_config(None, overrides(tiny_dir, tmp_path / "r", **{"adapter.scale_init": 0.25})))
+    scales = [p for n, p in plan.model.named_parameters() if n.endswith("lora_s")]
+    assert scales and all(torch.equal(s, torch.full_like(s, 0.25)) for s in scales)
+    with pytest.raises(MultiLoRAError, match="method lora has no scales"):
+        load_config(None, overrides(tiny_dir, tmp_path / "r", "lora", **{"adapter.scale_init": 0.5}))
+    with pytest.raises(MultiLoRAError, match="scale_init = nan must be a finite number"):
+        load_config(None, overrides(tiny_dir, tmp_path / "r", **{"adapter.scale_init": ".nan"}))
+    with pytest.raises(MultiLoRAError, match="optim.s_lr_mult = 0.0 must be > 0"):
+        load_config(None, overrides(tiny_dir, tmp_path / "r", **{"optim.s_lr_mult": 0}))
+
+
+def test_cli_refuses_an_abbreviated_key_instead_of_guessing(tiny_dir, tmp_path, capsys):
+    from multilora.cli import main
+
+    args = overrides(tiny_dir, tmp_path / "r")
+    i = args.index("--train.max_steps")
+    args[i] = "--train.max_step"  # argparse would otherwise take it for --train.max_steps
+    (tmp_path / "c.yaml").write_text(f"model: {tiny_dir}\n")
+    assert main(["train", str(tmp_path / "c.yaml"), *args, "--dry-run"]) == 2
+    assert "unknown key 'train.max_step'; did you mean 'train.max_steps'?" in capsys.readouterr().err

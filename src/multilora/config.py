@@ -2,11 +2,12 @@
 
     model: smollm2-135m            # the embedded model, or a local save_pretrained folder
     method: multilora              # multilora | lora | full
-    adapter: {n: 3, r: 8, alpha: 16, dropout: 0.0, init: multilora, scale: vector, targets: [q_proj, v_proj]}
+    adapter: {n: 3, r: 8, alpha: 16, dropout: 0.0, init: multilora, scale: vector, scale_init: null,
+              targets: [q_proj, v_proj]}
     data:    {tasks: [alpaca, rte], mixture: proportional, temperature: 2.0, weights: null,
               max_len: 256, chat: false, eval_examples: 32}
     optim:   {lr: 2.0e-4, weight_decay: 0.0, betas: [0.9, 0.999], eps: 1.0e-8, warmup_steps: 0,
-              schedule: cosine, grad_clip: 1.0}
+              schedule: cosine, grad_clip: 1.0, s_lr_mult: 1.0, b_lr_mult: 1.0}
     train:   {batch_size: 4, grad_accum: 1, max_steps: 100, epochs: null, seed: 0, eval_every: 0,
               save_every: 50, keep_last: 2, log_every: 1, mixed_precision: "no", log_tensorboard: false, cpu: false}
     output_dir: runs/multilora
@@ -21,6 +22,8 @@ from __future__ import annotations
 import difflib
 import math
 import os
+import re
+import reprlib
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields
@@ -38,6 +41,14 @@ METHODS = ("multilora", "lora", "full")
 SCHEDULES = ("linear", "cosine")
 MIXED_PRECISION = ("no", "bf16", "fp16")
 
+_REPR = reprlib.Repr()  # user values in error messages: a YAML alias bomb or a 1 MB string stays short
+_REPR.maxstring, _REPR.maxother, _REPR.maxlist, _REPR.maxtuple, _REPR.maxdict, _REPR.maxlevel = 60, 60, 6, 6, 6, 3
+
+
+def _show(value: Any) -> str:
+    """A bounded repr of a user's value for an error message."""
+    return _REPR.repr(value)
+
 
 @dataclass
 class AdapterOptions:
@@ -49,6 +60,7 @@ class AdapterOptions:
     dropout: float = 0.0
     init: str = "multilora"  # multilora: A, B Kaiming, s = 0 | lora: B = 0
     scale: str = "vector"  # vector (n, d_out) | scalar (n,) | none
+    scale_init: Union[float, None] = None  # initial s; null: 0 for init multilora (keeps dW = 0), 1 for lora
     targets: Union[list[str], str] = field(default_factory=lambda: ["q_proj", "v_proj"])
 
 
@@ -76,6 +88,8 @@ class OptimOptions:
     warmup_steps: int = 0
     schedule: str = "cosine"  # linear | cosine (both decay to 0 after warmup)
     grad_clip: float = 1.0  # max global grad norm; 0 turns clipping off
+    s_lr_mult: float = 1.0  # lr of MultiLoRA's scales s = lr x this (no effect without scales)
+    b_lr_mult: float = 1.0  # lr of the B factors = lr x this (LoRA+'s ratio; no effect for full)
 
 
 @dataclass
@@ -193,7 +207,12 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
         if not p.is_file():
             raise MultiLoRAError(f"config file {p} not found; pass a YAML file such as recipes/demo-multilora.yaml")
         try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+            loaded = yaml.safe_load(p.read_bytes().decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise MultiLoRAError(f"{p} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); "
+                                 "save it as UTF-8") from None
+        except RecursionError:
+            raise MultiLoRAError(f"{p} is nested too deeply to be a config; fix or rewrite it") from None
         except yaml.YAMLError as e:
             raise MultiLoRAError(f"{p} is not valid YAML: {' '.join(str(e).split())}") from None
         if loaded is None:
@@ -228,11 +247,12 @@ def config_from_flat(flat: dict[str, Any]) -> TrainConfig:
     """Build and validate a config from {dotted key: value}; raise one MultiLoRAError naming every problem."""
     problems: list[str] = []
     keys = valid_keys()
+    list_keys = False  # an unknown key without a near match: list the valid keys once, at the end
     config = TrainConfig()
     for key, value in flat.items():
         if key not in keys:
             if key in SECTIONS:
-                problems.append(f"section {key!r} must be a mapping of keys, got {value!r}")
+                problems.append(f"section {key!r} must be a mapping of keys, got {_show(value)}")
                 continue
             close = _alias(key, keys) or difflib.get_close_matches(key, keys, n=1, cutoff=0.5)
             if not close and "." in key:  # match the leaf within its section
@@ -240,19 +260,21 @@ def config_from_flat(flat: dict[str, Any]) -> TrainConfig:
                 leaves = [k.partition(".")[2] for k in keys if k.startswith(section + ".")]
                 near = difflib.get_close_matches(leaf, leaves, n=1, cutoff=0.4)
                 close = [f"{section}.{near[0]}"] if near else []
-            hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(keys)}"
-            problems.append(f"unknown key {key!r}{hint}")
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            list_keys = list_keys or not close
+            problems.append(f"unknown key {_show(key)}{hint}")
             continue
         owner, name = _owner(config, key)
         hint = _field_types(type(owner))[name]
         ok, coerced = _coerce(value, hint)
         if not ok:
-            problems.append(f"{key} = {value!r} has the wrong type: expected {_type_name(hint)}")
+            problems.append(f"{key} = {_show(value)} has the wrong type: expected {_type_name(hint)}")
             continue
         setattr(owner, name, coerced)
     problems += _check_values(config, set(flat))  # keys with a type problem keep their default here
     if problems:
-        raise MultiLoRAError(f"{len(problems)} problem(s) in the config: " + "; ".join(problems))
+        raise MultiLoRAError(f"{len(problems)} problem(s) in the config: " + "; ".join(problems)
+                             + (f" (valid keys: {', '.join(keys)})" if list_keys else ""))
     return config
 
 
@@ -350,20 +372,22 @@ def _check_values(c: TrainConfig, given: set[str]) -> list[str]:
         if value not in allowed:
             close = difflib.get_close_matches(str(value), allowed, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            p.append(f"{key} = {value!r} is not valid{hint}; use one of {', '.join(allowed)}")
+            p.append(f"{key} = {_show(value)} is not valid{hint}; use one of {', '.join(allowed)}")
 
     def positive(key: str, value: float, zero_ok: bool = False) -> None:
         if not math.isfinite(value) or value < 0 or (value == 0 and not zero_ok):
-            p.append(f"{key} = {value!r} must be {'>= 0' if zero_ok else '> 0'}")
+            p.append(f"{key} = {_show(value)} must be {'>= 0' if zero_ok else '> 0'}")
 
     one_of("method", c.method, METHODS)
     a, d, o, t = c.adapter, c.data, c.optim, c.train
     if c.method == "lora":  # plain LoRA is MultiLoRA with n = 1, B = 0 at init and no scales
         for key, want in (("n", 1), ("init", "lora"), ("scale", "none")):
             if f"adapter.{key}" in given and getattr(a, key) != want:
-                p.append(f"method lora uses adapter.{key} = {want!r}, got {getattr(a, key)!r}; "
+                p.append(f"method lora uses adapter.{key} = {want!r}, got {_show(getattr(a, key))}; "
                          f"drop adapter.{key} or use method multilora")
-        a.n, a.init, a.scale = 1, "lora", "none"
+        if "adapter.scale_init" in given and a.scale_init is not None:
+            p.append("method lora has no scales, so adapter.scale_init does not apply; drop it or use method multilora")
+        a.n, a.init, a.scale, a.scale_init = 1, "lora", "none", None
     if c.method != "full":
         positive("adapter.n", a.n)
         positive("adapter.r", a.r)
@@ -372,8 +396,18 @@ def _check_values(c: TrainConfig, given: set[str]) -> list[str]:
             p.append(f"adapter.dropout = {a.dropout!r} must be in [0, 1)")
         one_of("adapter.init", a.init, INITS)
         one_of("adapter.scale", a.scale, SCALES)
+        if a.scale_init is not None and not math.isfinite(a.scale_init):
+            p.append(f"adapter.scale_init = {a.scale_init!r} must be a finite number (or null for the init's default)")
+        elif a.scale_init is not None and a.scale == "none":
+            p.append("adapter.scale_init is set but adapter.scale is 'none' (no scales); drop it or use a scale")
         if (isinstance(a.targets, list) and not a.targets) or a.targets == "":
             p.append("adapter.targets is empty: name module suffixes (e.g. [q_proj, v_proj]), a regex or 'all-linear'")
+        elif isinstance(a.targets, str) and a.targets != "all-linear":
+            try:
+                re.compile(a.targets)
+            except re.error as e:
+                p.append(f"adapter.targets = {_show(a.targets)} is not a valid regular expression ({e}); "
+                         "fix it or list module suffixes (e.g. [q_proj, v_proj])")
     if not d.tasks:
         p.append("data.tasks is empty: name at least one task (e.g. [alpaca, rte])")
     else:
@@ -383,17 +417,17 @@ def _check_values(c: TrainConfig, given: set[str]) -> list[str]:
             if name not in TASKS:
                 close = difflib.get_close_matches(name, list(TASKS), n=1)
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
-                p.append(f"data.tasks: unknown task {name!r}{hint}; `multilora tasks` lists them")
+                p.append(f"data.tasks: unknown task {_show(name)}{hint}; `multilora tasks` lists them")
         if len(set(d.tasks)) != len(d.tasks):
-            p.append(f"data.tasks {d.tasks} names a task twice; list each task once")
+            p.append(f"data.tasks {_show(d.tasks)} names a task twice; list each task once")
     one_of("data.mixture", d.mixture, STRATEGIES)
     positive("data.temperature", d.temperature)
     if d.weights is not None and d.mixture != "weights":
-        p.append(f"data.weights is set but data.mixture is {d.mixture!r}; set data.mixture: weights")
+        p.append(f"data.weights is set but data.mixture is {_show(d.mixture)}; set data.mixture: weights")
     if d.mixture == "weights":
         w = d.weights or {}
         if set(w) != set(d.tasks) or any(not (v > 0 and math.isfinite(v)) for v in w.values()):
-            p.append(f"data.weights must give one positive weight per task in data.tasks {d.tasks}, got {d.weights!r}")
+            p.append(f"data.weights must give one positive weight per task in data.tasks {_show(d.tasks)}, got {_show(d.weights)}")
     if d.max_len < 8:
         p.append(f"data.max_len = {d.max_len} is too short; use at least 8 (typically 256-512)")
     positive("data.eval_examples", d.eval_examples, zero_ok=True)
@@ -402,8 +436,10 @@ def _check_values(c: TrainConfig, given: set[str]) -> list[str]:
     positive("optim.eps", o.eps)
     positive("optim.grad_clip", o.grad_clip, zero_ok=True)
     positive("optim.warmup_steps", o.warmup_steps, zero_ok=True)
+    positive("optim.s_lr_mult", o.s_lr_mult)
+    positive("optim.b_lr_mult", o.b_lr_mult)
     if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
-        p.append(f"optim.betas = {o.betas!r} must be two numbers in [0, 1), e.g. [0.9, 0.999]")
+        p.append(f"optim.betas = {_show(o.betas)} must be two numbers in [0, 1), e.g. [0.9, 0.999]")
     one_of("optim.schedule", o.schedule, SCHEDULES)
     for key in ("batch_size", "grad_accum", "keep_last", "log_every"):
         positive(f"train.{key}", getattr(t, key))
@@ -426,10 +462,10 @@ def _check_values(c: TrainConfig, given: set[str]) -> list[str]:
     if c.model != EMBEDDED_MODEL:
         path = Path(c.model).expanduser()
         if not path.is_dir():
-            p.append(f"model {c.model!r} is not a local folder (this tool never downloads): pass --model PATH "
+            p.append(f"model {_show(c.model)} is not a local folder (this tool never downloads): pass --model PATH "
                      f"to a save_pretrained folder, or {EMBEDDED_MODEL!r} for the embedded model")
         elif not (path / "config.json").is_file():
-            p.append(f"model folder {c.model!r} has no config.json: pass a folder written by save_pretrained")
+            p.append(f"model folder {_show(c.model)} has no config.json: pass a folder written by save_pretrained")
     return p
 
 

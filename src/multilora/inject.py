@@ -38,10 +38,12 @@ class MultiLoRAConfig:
     dropout: float = 0.0
     init: str = "multilora"  # "multilora": A, B Kaiming and s = 0 | "lora": B = 0 (s = 1)
     scale: str = "vector"  # "vector": s is (n, d_out) | "scalar": (n,) | "none": no s (LoRA)
+    scale_init: float | None = None  # initial s; None: 0 for init "multilora", 1 for "lora"
     targets: list[str] | str = field(default_factory=lambda: ["q_proj", "v_proj"])
 
     def __post_init__(self) -> None:
-        check_options(n=self.n, r=self.r, alpha=self.alpha, dropout=self.dropout, init=self.init, scale=self.scale)
+        check_options(n=self.n, r=self.r, alpha=self.alpha, dropout=self.dropout, init=self.init, scale=self.scale,
+                      scale_init=self.scale_init)
         if isinstance(self.targets, tuple):
             self.targets = list(self.targets)
         if not (isinstance(self.targets, str) or (isinstance(self.targets, list) and self.targets
@@ -188,9 +190,27 @@ def inject(model: nn.Module, config: MultiLoRAConfig, modules: list[str] | None 
     return InjectSummary(modules=list(modules), trainable=trainable, total=total)
 
 
+def _refuse_non_finite_merge(modules: dict[str, MultiLoRALinear]) -> None:
+    """Raise, before any weight changes, if merging some unmerged layer would put NaN/inf into its base weight."""
+    import torch
+
+    with torch.no_grad():
+        for path, m in modules.items():
+            if not m.merged and not torch.isfinite(m.base.weight.float() + m.delta_weight().float()).all():
+                raise MultiLoRAError(
+                    f"merging the adapter of {path!r} would put NaN/inf into its base weight (the adapter weights "
+                    "are not finite, or their update overflows); every weight was left unchanged"
+                )
+
+
 def merge(model: nn.Module) -> nn.Module:
-    """Merge every adapter into its base weight (zero inference overhead); returns the model."""
-    for m in adapter_modules(model).values():
+    """Merge every adapter into its base weight (zero inference overhead); returns the model.
+
+    All or nothing: if any layer's merge would be non-finite, no weight is changed.
+    """
+    modules = adapter_modules(model)
+    _refuse_non_finite_merge(modules)
+    for m in modules.values():
         m.merge()
     return model
 
@@ -204,7 +224,10 @@ def unmerge(model: nn.Module) -> nn.Module:
 
 def unload(model: nn.Module, merge_first: bool = True) -> nn.Module:
     """Replace every MultiLoRA layer by its (merged, by default) base layer; returns the model."""
-    for path, m in adapter_modules(model).items():
+    modules = adapter_modules(model)
+    if merge_first:
+        _refuse_non_finite_merge(modules)  # all or nothing, as merge()
+    for path, m in modules.items():
         if merge_first:
             m.merge()
         elif m.merged:

@@ -36,7 +36,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +46,9 @@ from .config import TrainConfig, config_from_flat, flatten, help_text, load_conf
 from .data import IGNORE, Example, MixtureSampler, collate, tokenize_example
 from .errors import MultiLoRAError
 from .io import fsync_dir, write_json_atomic, write_text_atomic
+
+if TYPE_CHECKING:
+    from .inject import MultiLoRAConfig
 
 CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
@@ -80,7 +83,7 @@ class Plan:
     def describe(self) -> str:
         """A few lines: method, parameters, data, schedule."""
         c = self.config
-        groups = ", ".join(f"{g['name']}: {sum(p.numel() for p in g['params']):,} (wd {g['weight_decay']})"
+        groups = ", ".join(f"{g['name']}: {sum(p.numel() for p in g['params']):,} (lr {g['lr']:g}, wd {g['weight_decay']})"
                            for g in self.param_groups)
         sizes = ", ".join(f"{t} {len(v):,}" for t, v in self.train_examples.items())
         return (f"{c.method} on {c.model}: trainable {self.counts['trainable']:,} / frozen {self.counts['frozen']:,} "
@@ -98,7 +101,7 @@ def build_plan(config: TrainConfig, num_processes: int = 1) -> Plan:
     """Load the model, apply the method, load the data and size the run; no training."""
     from accelerate.utils import set_seed
 
-    from .inject import MultiLoRAConfig, count_parameters, inject
+    from .inject import count_parameters, inject
     from .models import load_model
     from .tasks import get_task, load_examples
 
@@ -108,11 +111,10 @@ def build_plan(config: TrainConfig, num_processes: int = 1) -> Plan:
         for p in model.parameters():
             p.requires_grad_(True)
     else:
-        a = config.adapter
-        inject(model, MultiLoRAConfig(n=a.n, r=a.r, alpha=a.alpha, dropout=a.dropout, init=a.init,
-                                      scale=a.scale, targets=a.targets))
+        inject(model, adapter_config(config))
     trainable, total = count_parameters(model)
-    groups = param_groups(model, config.optim.weight_decay)
+    o = config.optim
+    groups = param_groups(model, o.lr, o.weight_decay, s_lr_mult=o.s_lr_mult, b_lr_mult=o.b_lr_mult)
 
     tasks = list(config.data.tasks)
     train_examples = {t: load_examples(t) for t in tasks}
@@ -139,16 +141,45 @@ def build_plan(config: TrainConfig, num_processes: int = 1) -> Plan:
                 global_batch, num_processes, {"trainable": trainable, "total": total, "frozen": total - trainable})
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups of the trainable parameters: decay on matrices; none on 1-D tensors and on MultiLoRA's scales."""
-    decay, no_decay = [], []
+def adapter_config(config: TrainConfig) -> "MultiLoRAConfig":
+    """The MultiLoRAConfig of a run's `adapter` section."""
+    from .inject import MultiLoRAConfig
+
+    a = config.adapter
+    return MultiLoRAConfig(n=a.n, r=a.r, alpha=a.alpha, dropout=a.dropout, init=a.init, scale=a.scale,
+                           scale_init=a.scale_init, targets=a.targets)
+
+
+def param_groups(model: nn.Module, lr: float, weight_decay: float, s_lr_mult: float = 1.0,
+                 b_lr_mult: float = 1.0) -> list[dict]:
+    """AdamW groups of the trainable parameters, each with its own lr and weight decay.
+
+    "decay": matrices (lr, weight_decay); "lora_B": the B factors (lr x b_lr_mult, weight_decay);
+    "scales": MultiLoRA's s (lr x s_lr_mult, no decay); "no_decay": other 1-D tensors (lr, no decay).
+    """
+    groups = {"decay": {"lr": lr, "weight_decay": weight_decay},
+              "lora_B": {"lr": lr * b_lr_mult, "weight_decay": weight_decay},
+              "scales": {"lr": lr * s_lr_mult, "weight_decay": 0.0},
+              "no_decay": {"lr": lr, "weight_decay": 0.0}}
+    members: dict[str, list[nn.Parameter]] = {name: [] for name in groups}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim < 2 or name.endswith("lora_s") else decay).append(p)
-    groups = [{"name": "decay", "params": decay, "weight_decay": weight_decay},
-              {"name": "no_decay", "params": no_decay, "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]
+        if name.endswith("lora_s"):
+            members["scales"].append(p)
+        elif name.endswith("lora_B"):
+            members["lora_B"].append(p)
+        else:
+            members["decay" if p.ndim >= 2 else "no_decay"].append(p)
+    return [{"name": name, "params": members[name], **opts} for name, opts in groups.items() if members[name]]
+
+
+def make_optimizer(plan: Plan) -> torch.optim.AdamW:
+    """AdamW over the plan's parameter groups, each with its own lr and weight decay."""
+    o = plan.config.optim
+    return torch.optim.AdamW(
+        [{"params": g["params"], "lr": g["lr"], "weight_decay": g["weight_decay"]} for g in plan.param_groups],
+        lr=o.lr, betas=tuple(o.betas), eps=o.eps)
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, schedule: str, warmup: int, total: int) -> Any:
@@ -267,37 +298,109 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
 
 
 def _append_jsonl(path: Path, record: dict) -> None:
-    """Append one JSON line and flush it to disk (one write: a killed run leaves whole lines)."""
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    """Append one JSON line and flush it to disk (one write: a killed run leaves whole lines).
+
+    A failed write (disk full) raises a WriteError naming the run's newest checkpoint; a torn last
+    line is skipped by read_metrics and dropped by --resume.
+    """
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        from .io import is_disk_full, write_error
+
+        done = checkpoint_dirs(path.parent)
+        todo = "free space" if is_disk_full(e) else "make the folder writable"
+        if done:
+            kept, fix = f"the checkpoint {done[-1][1]} is kept", f"{todo} and --resume {path.parent}"
+        else:
+            kept, fix = "no checkpoint was saved yet", f"{todo} and start again with --overwrite"
+        raise write_error(path, e, kept=kept, fix=fix) from e
 
 
 def _save_checkpoint(accelerator: Any, run_dir: Path, step: int, sampler: MixtureSampler, keep_last: int,
                      extra: dict) -> Path:
-    """accelerate save_state into checkpoints/.step-N.tmp, add sampler + trainer state, rename; keep the last K."""
+    """accelerate save_state into checkpoints/.step-N.tmp, add sampler + trainer state, rename; keep the last K.
+
+    A failed save (disk full, folder not writable) removes its temporary folder, leaves every finished
+    checkpoint as it was and raises a WriteError naming the checkpoint that is kept. Old checkpoints
+    are renamed aside before they are deleted, so a killed run never leaves a half-deleted step-N.
+    """
+    import errno
+
+    from .io import WriteError, fsync_tree, write_errno, write_failure
+
     root = run_dir / CHECKPOINTS
     tmp, final = root / f".step-{step}.tmp", root / f"step-{step}"
+    aside = root / f".step-{step}.old.tmp"
+    moved_aside = False
+    try:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            write_json_atomic(tmp / SAMPLER_FILE, sampler.state_dict())
+            from .checkpoint import sha256_file
+
+            files = {f.name: sha256_file(f) for f in sorted(tmp.iterdir()) if f.is_file()}  # verified on resume
+            write_json_atomic(tmp / STATE_FILE, {"step": step, **extra, "files": files})
+            fsync_tree(tmp)  # accelerate does not flush its files: no empty file in a checkpoint after a crash
+            if final.exists():  # the same step saved again (Ctrl-C right after a periodic save)
+                shutil.rmtree(aside, ignore_errors=True)
+                os.replace(final, aside)
+                moved_aside = True
+            os.replace(tmp, final)
+            fsync_dir(root)
+    except Exception as e:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)  # frees the space the partial checkpoint took
+            if moved_aside and not final.exists():
+                os.replace(aside, final)
+        failure = write_failure(e, root if root.is_dir() else run_dir)
+        if failure is None:  # not a write problem: a bug, keep its traceback
+            raise
+        full, why = failure
+        done = checkpoint_dirs(run_dir)
+        kept = f"the previous checkpoint {done[-1][1]} is kept" if done else "no earlier checkpoint exists"
+        fix = f"--resume {run_dir}" if done else "start the run again with --overwrite"
+        if full:
+            raise WriteError(f"no space left on device while saving checkpoint step-{step} to {root}; {kept}; "
+                             f"free space and {fix}", errno.ENOSPC) from e
+        raise WriteError(f"cannot save checkpoint step-{step} to {root} ({why}); {kept}; make the folder "
+                         f"writable and {fix}", write_errno(e)) from e
     if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        write_json_atomic(tmp / SAMPLER_FILE, sampler.state_dict())
-        write_json_atomic(tmp / STATE_FILE, {"step": step, **extra})
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        fsync_dir(root)
         for _, old in checkpoint_dirs(run_dir)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+            doomed = root / f".{old.name}.old.tmp"
+            shutil.rmtree(doomed, ignore_errors=True)
+            os.replace(old, doomed)  # gone from checkpoint_dirs at once, then deleted
+            shutil.rmtree(doomed, ignore_errors=True)
         for stale in root.glob(".step-*.tmp"):  # left by a killed save
             shutil.rmtree(stale, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def _verify_checkpoint(ck: Path) -> None:
+    """Every file the checkpoint recorded in trainer_state.json is there with its sha256 (else: name it)."""
+    from .checkpoint import sha256_file
+    from .io import read_json_object
+
+    fix = f"delete {ck} to resume from the checkpoint before it"
+    files = read_json_object(ck / STATE_FILE, fix=fix).get("files")
+    if not isinstance(files, dict):  # written by an older multilora: check that the files exist
+        files = {name: None for name in ("model.safetensors", SAMPLER_FILE)}
+    for name, digest in files.items():
+        path = ck / name
+        if not path.is_file():
+            raise MultiLoRAError(f"checkpoint {ck} is damaged: {name} is missing; {fix}")
+        if digest is not None and sha256_file(path) != digest:
+            raise MultiLoRAError(f"checkpoint {ck} is damaged: {name} does not match the checksum in {STATE_FILE} "
+                                 f"(truncated or corrupt); {fix}")
 
 
 def _trainable(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -346,25 +449,39 @@ def _save_final(plan: Plan, accelerator: Any, model: nn.Module, run_dir: Path) -
     if not accelerator.is_main_process:
         return
     unwrapped = accelerator.unwrap_model(model)
-    if plan.config.method != "full":
-        save_adapter_from_state(plan.config, unwrapped.config, state, run_dir)
-        return
-    tmp = run_dir / ".full.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    unwrapped.save_pretrained(tmp, state_dict=state, safe_serialization=True)
-    plan.tokenizer.save_pretrained(tmp)
-    for f in sorted(tmp.iterdir()):
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(f, run_dir / f.name)
-    shutil.rmtree(tmp, ignore_errors=True)
-    weights = sorted(p.name for p in run_dir.glob("model*.safetensors"))
-    write_json_atomic(run_dir / FULL_INFO, {
-        "format": "multilora-full", "method": "full", "weights": weights,
-        "weights_sha256": {w: sha256_file(run_dir / w) for w in weights},
-        "base_model": {**base_model_info(unwrapped), "name_or_path": plan.config.model},
-        "load_with": "multilora.models.load_model(run_dir) or AutoModelForCausalLM.from_pretrained(run_dir)",
-    })
+    try:
+        if plan.config.method != "full":
+            save_adapter_from_state(plan.config, unwrapped.config, state, run_dir)
+            return
+        tmp = run_dir / ".full.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        unwrapped.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+        plan.tokenizer.save_pretrained(tmp)
+        for f in sorted(tmp.iterdir()):
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+            os.replace(f, run_dir / f.name)
+        shutil.rmtree(tmp, ignore_errors=True)
+        weights = sorted(p.name for p in run_dir.glob("model*.safetensors"))
+        write_json_atomic(run_dir / FULL_INFO, {
+            "format": "multilora-full", "method": "full", "weights": weights,
+            "weights_sha256": {w: sha256_file(run_dir / w) for w in weights},
+            "base_model": {**base_model_info(unwrapped), "name_or_path": plan.config.model},
+            "load_with": "multilora.models.load_model(run_dir) or AutoModelForCausalLM.from_pretrained(run_dir)",
+        })
+    except Exception as e:  # a full disk or an unwritable folder: one line naming what is kept
+        from .io import WriteError, write_errno, write_failure
+
+        shutil.rmtree(run_dir / ".full.tmp", ignore_errors=True)
+        failure = write_failure(e, run_dir)
+        if failure is None:
+            raise
+        done = checkpoint_dirs(run_dir)
+        kept = f"the checkpoint {done[-1][1]} is kept" if done else "no checkpoint was saved"
+        head = "no space left on device while saving" if failure[0] else f"cannot save ({failure[1]})"
+        todo = "free space" if failure[0] else "make the folder writable"
+        raise WriteError(f"{head} the {'model' if plan.config.method == 'full' else 'adapter'} of the finished run "
+                         f"to {run_dir}; {kept}; {todo} and --resume {run_dir} to write it", write_errno(e)) from e
 
 
 def save_adapter_from_state(config: TrainConfig, model_config: Any, state: dict[str, torch.Tensor],
@@ -379,13 +496,11 @@ def save_adapter_from_state(config: TrainConfig, model_config: Any, state: dict[
     from transformers import AutoModelForCausalLM
 
     from .checkpoint import save_adapter
-    from .inject import MultiLoRAConfig, adapter_parameters, inject
+    from .inject import adapter_parameters, inject
 
-    a = config.adapter
     with torch.device("meta"):
         shadow = AutoModelForCausalLM.from_config(copy.deepcopy(model_config))
-    inject(shadow, MultiLoRAConfig(n=a.n, r=a.r, alpha=a.alpha, dropout=a.dropout, init=a.init, scale=a.scale,
-                                   targets=a.targets))
+    inject(shadow, adapter_config(config))
     keys = list(adapter_parameters(shadow))
     missing = [k for k in keys if k not in state]
     if missing:
@@ -401,12 +516,19 @@ def _lock_run_dir(run_dir: Path) -> Any:
     The lock is an flock, so the kernel releases it when its process dies: a stale lock file from a
     killed run never blocks the next one.
     """
-    run_dir.parent.mkdir(parents=True, exist_ok=True)
     path = run_dir.parent / f".{run_dir.name}.lock"
     earlier = _HELD_LOCKS.pop(str(path), None)  # left by an earlier train() of this process that raised
     if earlier is not None:
         earlier.close()
-    fh = open(path, "a+")
+    try:
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(path, "a+")  # noqa: SIM115 -- held until the run ends
+    except OSError as e:
+        from .io import check_writable_dir, write_error
+
+        check_writable_dir(run_dir, "output_dir")  # the clearer message, when it finds the problem
+        raise write_error(path, e, kept="the run did not start",
+                          fix="make the folder writable or set another output_dir") from None
     try:
         fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -485,6 +607,9 @@ def train(config: TrainConfig | None, *, resume: str | os.PathLike | None = None
             raise MultiLoRAError("train.log_tensorboard is on but tensorboard is not installed: "
                                  "pip install tensorboard, or set train.log_tensorboard false") from None
     run_dir = Path(config.output_dir)
+    from .io import check_writable_dir
+
+    check_writable_dir(run_dir, "output_dir")  # now, not after the model is loaded or at the first save
     try:
         accelerator = Accelerator(
             mixed_precision=config.train.mixed_precision, cpu=config.train.cpu,
@@ -507,9 +632,7 @@ def train(config: TrainConfig | None, *, resume: str | os.PathLike | None = None
         plan = build_plan(config, accelerator.num_processes)
     cfg = plan.config
     model = plan.model
-    optimizer = torch.optim.AdamW(
-        [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in plan.param_groups],
-        lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+    optimizer = make_optimizer(plan)
     scheduler = make_scheduler(optimizer, cfg.optim.schedule, cfg.optim.warmup_steps, plan.total_steps)
     model.train()
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
@@ -521,8 +644,17 @@ def train(config: TrainConfig | None, *, resume: str | os.PathLike | None = None
     step = 0
     if resume is not None:
         step, ck = checkpoint_dirs(run_dir)[-1]
-        accelerator.load_state(str(ck))
-        plan.sampler.load_state_dict(json.loads((ck / SAMPLER_FILE).read_text(encoding="utf-8")))
+        _verify_checkpoint(ck)
+        try:
+            accelerator.load_state(str(ck))
+            sampler_state = json.loads((ck / SAMPLER_FILE).read_text(encoding="utf-8"))
+        except MultiLoRAError:
+            raise
+        except Exception as e:  # noqa: BLE001 - safetensors / torch / json errors of a damaged checkpoint
+            raise MultiLoRAError(f"checkpoint {ck} cannot be loaded ({type(e).__name__}: "
+                                 f"{' '.join(str(e).split())[:200]}); delete {ck} to resume from the "
+                                 "checkpoint before it") from None
+        plan.sampler.load_state_dict(sampler_state)
         if accelerator.is_main_process:  # drop records past the checkpoint (the killed run's last steps)
             kept = [r for r in read_metrics(run_dir) if r.get("step", 0) <= step]
             write_text_atomic(run_dir / METRICS, "".join(json.dumps(r) + "\n" for r in kept))
@@ -712,6 +844,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     """Add `multilora train`'s arguments (overrides are the unknown --section.key VALUE pairs)."""
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.description = TRAIN_HELP
+    p.allow_abbrev = False  # --train.max_step must be an unknown key (with a suggestion), not train.max_steps
     p.add_argument("config", nargs="?", default=None, help="YAML config (e.g. recipes/demo-multilora.yaml); "
                    "optional with --resume")
     p.add_argument("--resume", metavar="RUN", default=None, help="continue the run folder RUN from its newest checkpoint")
