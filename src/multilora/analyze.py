@@ -290,9 +290,10 @@ def _analyze_peft(d: Path, top_k: Sequence[int], base: str | Path | None, subspa
             f"{d} is a DoRA adapter (use_dora: true), whose update is not B A; only plain LoRA can be analysed")
     weights = d / "adapter_model.safetensors"
     if not weights.is_file():
-        hint = (" (adapter_model.bin is not read: re-save with safe_serialization=True)"
-                if (d / "adapter_model.bin").is_file() else "")
-        raise MultiLoRAError(f"{weights} is missing: a PEFT LoRA adapter folder holds adapter_model.safetensors{hint}")
+        from .export import refuse_pickled_peft
+
+        refuse_pickled_peft(d)  # never unpickle: say how to convert instead
+        raise MultiLoRAError(f"{weights} is missing: a PEFT LoRA adapter folder holds adapter_model.safetensors")
     try:
         tensors = load_file(str(weights))
     except Exception as e:  # safetensors raises several types for a bad file
@@ -316,6 +317,10 @@ def _analyze_peft(d: Path, top_k: Sequence[int], base: str | Path | None, subspa
         _check_finite(A, f"{weights}: '{path}' lora_A")
         _check_finite(B, f"{weights}: '{path}' lora_B")
         rank = A.shape[0]
+        recorded = _pattern_value(cfg.get("rank_pattern"), path, cfg.get("r", rank))
+        if recorded != rank:
+            raise MultiLoRAError(f"{weights}: module {path!r} has rank {rank} (lora_A {tuple(A.shape)}), inconsistent "
+                                 f"with r = {recorded!r} in {d / 'adapter_config.json'}; the adapter is corrupt")
         alpha = _pattern_value(cfg.get("alpha_pattern"), path, cfg.get("lora_alpha", rank))
         scaling = alpha / math.sqrt(rank) if cfg.get("use_rslora") else alpha / rank
         w0 = w0_of(path, B.shape[0], A.shape[1], bool(cfg.get("fan_in_fan_out"))) if w0_of else None
@@ -628,6 +633,9 @@ def analyze(runs: Sequence[str | Path], out_dir: str | Path, base: str | Path | 
         raise MultiLoRAError(f"run names must be non-empty, got {names}; pass --names a,b,c with one name per run")
     if len(set(names)) != len(names):
         raise MultiLoRAError(f"run names must be unique, got {names}; pass distinct --names")
+    from .io import check_writable_dir
+
+    check_writable_dir(out_dir, "--out folder")  # now, not after the analysis
     results = [analyze_run(p, base=base, name=nm, top_k=top_k, subspace=subspace) for p, nm in zip(runs, names)]
     out = Path(out_dir)
     report = {"version": ANALYSIS_VERSION, "top_k": list(top_k), "runs": results}

@@ -6,7 +6,10 @@
                           the resolved module paths, the base model's identity and sizes, and
                           the sha256 of the tensor file (so a half-written or edited folder is caught)
 
-Both files are written atomically; tensors first, then the config that vouches for them.
+Both files are written atomically, and the pair is replaced as one: the new tensors go to
+`.adapter.safetensors.next`, then the config that vouches for them (its sha256) replaces the old
+config (the commit point), then `.next` is renamed over adapter.safetensors. A reader that finds
+the config's checksum on `.next` instead (a save killed between the two renames) reads `.next`.
 """
 
 from __future__ import annotations
@@ -20,18 +23,20 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from . import __version__
 from .errors import MultiLoRAError
 from .inject import (MultiLoRAConfig, adapter_parameters, inject, linear_layers, refuse_if_injected,
                      unmerged_adapter_modules)
 from .layers import in_out_features, parameter_shapes
-from .io import atomic_path, read_json_object, write_json_atomic
+from .io import WriteError, atomic_path, fsync_dir, read_json_object, write_error, write_json_atomic
 
 FORMAT = "multilora-adapter"
 FORMAT_VERSION = 1
 WEIGHTS_NAME = "adapter.safetensors"
 CONFIG_NAME = "adapter_config.json"
+PENDING_NAME = ".adapter.safetensors.next"  # new tensors whose config may already be committed
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -76,10 +81,14 @@ def write_adapter_folder(
 ) -> Path:
     """Write adapter.safetensors + adapter_config.json exactly as `save_adapter` does (same keys, sha256)."""
     out = Path(out_dir)
-    weights = out / WEIGHTS_NAME
-    with atomic_path(weights) as tmp:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
-                  metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
+    weights, pending = out / WEIGHTS_NAME, out / PENDING_NAME
+    _finish_interrupted_save(out)
+    try:
+        with atomic_path(pending) as tmp:
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
+                      metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
+    except WriteError as e:  # name the file the user knows
+        raise write_error(weights, e.__cause__ or e) from e
     first = next(iter(tensors.values()))
     meta = {
         "format": FORMAT,
@@ -92,11 +101,31 @@ def write_adapter_folder(
         "fan_in_fan_out": fan_in_fan_out,
         "dtype": str(first.dtype).removeprefix("torch."),
         "base_model": base_model,
-        "weights_sha256": sha256_file(weights),
+        "weights_sha256": sha256_file(pending),
         **(extra or {}),
     }
-    write_json_atomic(out / CONFIG_NAME, meta)
+    write_json_atomic(out / CONFIG_NAME, meta)  # the commit point: from here on the new adapter is the one
+    os.replace(pending, weights)
+    fsync_dir(out)
     return out
+
+
+def _finish_interrupted_save(folder: Path) -> None:
+    """Rename `.next` into place if a killed save had already committed its config (else `.next` is stale)."""
+    pending = folder / PENDING_NAME
+    if not pending.is_file():
+        return
+    try:
+        committed = read_json_object(folder / CONFIG_NAME).get("weights_sha256")
+    except MultiLoRAError:
+        committed = None
+    weights = folder / WEIGHTS_NAME
+    if committed is not None and committed == sha256_file(pending) and \
+            (not weights.is_file() or committed != sha256_file(weights)):
+        os.replace(pending, weights)
+        fsync_dir(folder)
+    else:
+        pending.unlink(missing_ok=True)
 
 
 def read_adapter(adapter_dir: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -105,6 +134,15 @@ def read_adapter(adapter_dir: str | os.PathLike) -> tuple[dict[str, Any], dict[s
     cfg_path, weights = d / CONFIG_NAME, d / WEIGHTS_NAME
     if not d.is_dir():
         raise MultiLoRAError(f"adapter folder {d} does not exist")
+    if not weights.is_file() and (d / PENDING_NAME).is_file():
+        weights = d / PENDING_NAME  # a first save killed between its last two renames
+    if not weights.is_file():
+        from .export import PEFT_WEIGHTS_NAME, refuse_pickled_peft
+
+        refuse_pickled_peft(d)  # a pickled PEFT adapter: say why it is never opened and how to convert it
+        if (d / PEFT_WEIGHTS_NAME).is_file():
+            raise MultiLoRAError(f"{d} is a PEFT adapter folder ({PEFT_WEIGHTS_NAME}), not a multilora adapter "
+                                 f"({WEIGHTS_NAME}): convert it with `multilora import-peft {d} --out OUT`")
     for p in (cfg_path, weights):
         if not p.is_file():
             raise MultiLoRAError(f"{p} is missing: an adapter folder holds {WEIGHTS_NAME} and {CONFIG_NAME}")
@@ -118,6 +156,9 @@ def read_adapter(adapter_dir: str | os.PathLike) -> tuple[dict[str, Any], dict[s
             f"reads version {FORMAT_VERSION}: upgrade multilora or re-save the adapter"
         )
     _check_config_types(meta, cfg_path)
+    if meta.get("weights_sha256") != sha256_file(weights) and (d / PENDING_NAME).is_file() \
+            and meta.get("weights_sha256") == sha256_file(d / PENDING_NAME):
+        weights = d / PENDING_NAME  # a save killed after its config was written: its tensors are complete here
     if meta.get("weights_sha256") != sha256_file(weights):
         raise MultiLoRAError(
             f"{weights} does not match the checksum in {CONFIG_NAME}: the file is truncated, corrupt, or was "
@@ -127,7 +168,43 @@ def read_adapter(adapter_dir: str | os.PathLike) -> tuple[dict[str, Any], dict[s
         tensors = load_file(str(weights))
     except (SafetensorError, OSError, ValueError) as e:
         raise MultiLoRAError(f"{weights} is not a readable safetensors file ({e})") from None
+    _check_tensors(meta, tensors, weights)
     return meta, tensors
+
+
+def _check_tensors(meta: dict[str, Any], tensors: dict[str, torch.Tensor], weights: Path) -> None:
+    """The tensors must be exactly those the config describes (keys, n, r, scale), floating point and finite."""
+    config = config_from_meta(meta, weights.parent / CONFIG_NAME)
+    expected = {f"{m}.{p}" for m in meta["modules"] for p in ("lora_A", "lora_B")}
+    expected |= {f"{m}.lora_s" for m in meta["modules"]} if config.scale != "none" else set()
+    missing, extra = sorted(expected - tensors.keys()), sorted(tensors.keys() - expected)
+    if missing or extra:
+        raise MultiLoRAError(
+            f"{weights} does not match its config: "
+            + (f"missing tensor {missing[0]!r} ({len(missing)} missing) " if missing else "")
+            + (f"unexpected tensor {extra[0]!r} ({len(extra)} unexpected)" if extra else "")
+            + f"; {CONFIG_NAME} (modules, scale) and the tensor file disagree: re-save the adapter"
+        )
+    for path in meta["modules"]:
+        a, b = tensors[f"{path}.lora_A"], tensors[f"{path}.lora_B"]
+        d_in = a.shape[-1] if a.dim() else 0
+        d_out = b.shape[1] if b.dim() > 1 else 0
+        shapes = parameter_shapes(config.n, config.r, d_in, d_out, config.scale)
+        for name, shape in shapes.items():
+            key = f"{path}.{name}"
+            t = tensors[key]
+            if tuple(t.shape) != shape:
+                raise MultiLoRAError(
+                    f"{weights}: tensor '{key}' has shape {tuple(t.shape)} but {CONFIG_NAME} (n={config.n}, "
+                    f"r={config.r}, scale={config.scale}) needs {shape}: the config and the tensors disagree; "
+                    "re-save the adapter"
+                )
+            if not t.is_floating_point():
+                raise MultiLoRAError(f"{weights}: tensor '{key}' has dtype {t.dtype}; adapter tensors are floating "
+                                     "point: re-save the adapter")
+            if not torch.isfinite(t).all():
+                raise MultiLoRAError(f"adapter tensor '{key}' in {weights} holds NaN or inf values: the adapter is "
+                                     "corrupt or its run diverged; re-save it or use an earlier checkpoint")
 
 
 def _check_config_types(meta: dict[str, Any], path: Path) -> None:
@@ -138,17 +215,25 @@ def _check_config_types(meta: dict[str, Any], path: Path) -> None:
             raise MultiLoRAError(f"{path} lacks the key {key!r}; re-save the adapter")
         if not isinstance(meta[key], typ) or (typ is int and isinstance(meta[key], bool)):
             raise MultiLoRAError(f"{path}: {key!r} has the wrong type ({meta[key]!r}); re-save the adapter")
-    if not meta["modules"] or not all(isinstance(m, str) for m in meta["modules"]):
+    if not meta["modules"] or not all(isinstance(m, str) and m for m in meta["modules"]):
         raise MultiLoRAError(f"{path}: 'modules' must be a non-empty list of module paths")
+    if len(set(meta["modules"])) != len(meta["modules"]):
+        dup = next(m for m in meta["modules"] if meta["modules"].count(m) > 1)
+        raise MultiLoRAError(f"{path}: 'modules' lists {dup!r} twice; re-save the adapter")
+    if not isinstance(meta.get("method", "multilora"), str):
+        raise MultiLoRAError(f"{path}: 'method' has the wrong type ({meta['method']!r}); re-save the adapter")
+    if "base_model" in meta and not isinstance(meta["base_model"], dict):
+        raise MultiLoRAError(f"{path}: 'base_model' has the wrong type ({meta['base_model']!r}); it must be an "
+                             "object (name_or_path, model_type, ...): re-save the adapter")
 
 
-def config_from_meta(meta: dict[str, Any]) -> MultiLoRAConfig:
-    """Rebuild the MultiLoRAConfig recorded in an adapter_config.json dict."""
+def config_from_meta(meta: dict[str, Any], path: str | os.PathLike = CONFIG_NAME) -> MultiLoRAConfig:
+    """Rebuild the MultiLoRAConfig recorded in an adapter_config.json dict (`path` names it in errors)."""
     try:
         return MultiLoRAConfig(n=meta["n"], r=meta["r"], alpha=meta["alpha"], dropout=meta["dropout"],
                                init=meta["init"], scale=meta["scale"], targets=meta.get("targets") or meta["modules"])
     except MultiLoRAError as e:
-        raise MultiLoRAError(f"{CONFIG_NAME}: {e}") from None
+        raise MultiLoRAError(f"{path}: {e}") from None
 
 
 def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
@@ -159,33 +244,28 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
     """
     refuse_if_injected(model)
     meta, tensors = read_adapter(adapter_dir)
-    config = config_from_meta(meta)
-    expected = {f"{m}.{p}" for m in meta["modules"] for p in ("lora_A", "lora_B")}
-    expected |= {f"{m}.lora_s" for m in meta["modules"]} if config.scale != "none" else set()
-    missing, extra = sorted(expected - tensors.keys()), sorted(tensors.keys() - expected)
-    if missing or extra:
-        raise MultiLoRAError(
-            f"{Path(adapter_dir) / WEIGHTS_NAME} does not match its config: "
-            + (f"missing tensor {missing[0]!r} ({len(missing)} missing) " if missing else "")
-            + (f"unexpected tensor {extra[0]!r} ({len(extra)} unexpected)" if extra else "")
-        )
+    config = config_from_meta(meta, Path(adapter_dir) / CONFIG_NAME)  # read_adapter checked keys and finiteness
     layers = linear_layers(model)
     for path in meta["modules"]:  # check everything before the model is touched
         if path not in layers:
             raise MultiLoRAError(
-                f"module {path!r} is not a linear layer of this {type(model).__name__}: the adapter was made "
-                f"for another base model ({_made_for(meta)})"
+                f"adapter {adapter_dir}: module {path!r} is not a linear layer of this {type(model).__name__}: "
+                f"the adapter was made for another base model ({_made_for(meta)})"
+            )
+        if isinstance(layers[path], Conv1D) != meta["fan_in_fan_out"]:
+            raise MultiLoRAError(
+                f"{Path(adapter_dir) / CONFIG_NAME}: fan_in_fan_out is {meta['fan_in_fan_out']} but module {path!r} "
+                f"of this {type(model).__name__} is a {type(layers[path]).__name__}: the config does not fit this "
+                f"model ({_made_for(meta)}); re-save the adapter"
             )
         shapes = parameter_shapes(config.n, config.r, *in_out_features(layers[path]), config.scale)
         for name, shape in shapes.items():
             t = tensors[f"{path}.{name}"]
             if tuple(t.shape) != shape:
                 raise MultiLoRAError(
-                    f"adapter tensor '{path}.{name}' has shape {tuple(t.shape)} but module {path!r} of this model "
-                    f"needs {shape}: the adapter was made for another base model ({_made_for(meta)})"
+                    f"adapter {adapter_dir}: tensor '{path}.{name}' has shape {tuple(t.shape)} but module {path!r} "
+                    f"of this model needs {shape}: the adapter was made for another base model ({_made_for(meta)})"
                 )
-            if not torch.isfinite(t).all():
-                raise MultiLoRAError(f"adapter tensor '{path}.{name}' holds NaN or inf values; the adapter is corrupt")
     inject(model, config, modules=meta["modules"])
     params = adapter_parameters(model)
     with torch.no_grad():

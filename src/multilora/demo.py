@@ -28,7 +28,7 @@ from rich.table import Table
 
 from .config import TrainConfig, config_from_dict
 from .errors import MultiLoRAError
-from .io import write_json_atomic
+from .io import check_writable_dir, write_json_atomic
 from .models import DEFAULT_MODEL
 
 TASKS = ["alpaca", "mmlu", "boolq", "rte", "wic"]
@@ -80,15 +80,18 @@ def run_demo(out_dir: str | Path | None = None, steps: int | None = None, seeds:
 
     if seeds < 1:
         raise MultiLoRAError(f"--seeds must be >= 1, got {seeds}")
-    steps = steps or (QUICK_STEPS if quick else DEFAULT_STEPS)
-    if steps < 1:
+    if steps is not None and steps < 1:
         raise MultiLoRAError(f"--steps must be >= 1, got {steps}")
+    if eval_limit is not None and eval_limit < 1:
+        raise MultiLoRAError(f"--limit must be >= 1, got {eval_limit}")
+    steps = steps or (QUICK_STEPS if quick else DEFAULT_STEPS)
     limit = eval_limit or (QUICK_EVAL_LIMIT if quick else EVAL_LIMIT)
     out = Path(out_dir or f"runs/demo-{datetime.date.today().isoformat()}")
     if resume and overwrite:
         raise MultiLoRAError("--resume and --overwrite exclude each other: resume keeps finished runs, overwrite deletes them")
     if out.exists() and not out.is_dir():
         raise MultiLoRAError(f"--out {out} is a file; pass a folder")
+    check_writable_dir(out, "--out folder")  # now, not after the first training run
     if out.is_dir() and any(out.iterdir()) and not resume:
         if not overwrite:
             raise MultiLoRAError(f"{out} already exists and is not empty: pass --resume to continue it, "

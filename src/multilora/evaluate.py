@@ -39,7 +39,7 @@ from torch import nn
 
 from .data import IGNORE, MCItem, collate, encode_prompt, render, tokenize_example
 from .errors import MultiLoRAError
-from .io import read_json_object, write_json_atomic
+from .io import check_writable_dir, read_json_object, write_json_atomic
 
 DEFAULT_TASKS = "mmlu,boolq,rte,wic"
 EVAL_NAME = "eval.json"
@@ -499,8 +499,12 @@ def resolve_target(target: str, model: str | None = None) -> tuple[nn.Module, An
                          adapter={k: meta.get(k) for k in ("method", "n", "r", "alpha", "scale", "init", "targets")})
             return m.eval(), tok, ident
         if "peft_type" in meta:
+            from .export import check_peft_for_model, refuse_pickled_peft
+
+            refuse_pickled_peft(folder)  # adapter_model.bin is a pickle: never opened
             try:
                 from peft import PeftModel
+                from peft.utils import get_peft_model_state_dict
             except ImportError:
                 raise MultiLoRAError(f"{folder} is a PEFT adapter and evaluating it needs the package peft: "
                                      "pip install peft") from None
@@ -508,7 +512,24 @@ def resolve_target(target: str, model: str | None = None) -> tuple[nn.Module, An
             if not base:
                 raise MultiLoRAError(f"{folder}/adapter_config.json does not name its base model; pass --model BASE")
             m, tok = load_model(base)
-            m = PeftModel.from_pretrained(m, str(folder)).eval()
+            tensors = check_peft_for_model(folder, meta, m)
+            try:
+                m = PeftModel.from_pretrained(m, str(folder)).eval()
+            except (ValueError, TypeError, KeyError, RuntimeError, OSError) as e:
+                detail = " ".join(str(e).split())[:300]
+                raise MultiLoRAError(f"{folder}: peft cannot load this adapter into {base} "
+                                     f"({type(e).__name__}: {detail})") from None
+            loaded = set(get_peft_model_state_dict(m))
+            unused = sorted(k for k in tensors if k not in loaded)
+            if unused:
+                raise MultiLoRAError(f"{folder}/adapter_model.safetensors: tensor {unused[0]!r} ({len(unused)} in all) "
+                                     "was not loaded: target_modules in adapter_config.json does not select its "
+                                     "module; fix target_modules or re-save the adapter")
+            absent = sorted(k for k in loaded if ".lora_" in k and k not in tensors)
+            if absent:
+                raise MultiLoRAError(f"{folder}/adapter_model.safetensors lacks tensor {absent[0]!r} ({len(absent)} "
+                                     "in all) that target_modules in adapter_config.json selects; the adapter is "
+                                     "incomplete: re-save it")
             keys = ("peft_type", "r", "lora_alpha", "target_modules")
             ident.update(kind="peft", base_model=str(base), adapter={k: meta.get(k) for k in keys})
             return m, tok, ident
@@ -588,6 +609,14 @@ def read_result(path: str | Path) -> dict:
     data = read_json_object(file)
     if not isinstance(data.get("tasks"), dict) or "settings" not in data:
         raise MultiLoRAError(f"{file} is not a multilora eval result (no 'tasks'/'settings'); pass an eval.json")
+    bad = [task for task, r in data["tasks"].items() if not (isinstance(r, dict) and isinstance(r.get("kind"), str))]
+    if bad:
+        raise MultiLoRAError(f"{file}: tasks {', '.join(map(repr, bad[:5]))} are not results with a 'kind'; "
+                             "re-run multilora eval")
+    try:
+        summary_rows(data)
+    except (KeyError, TypeError) as e:
+        raise MultiLoRAError(f"{file} is not a complete multilora eval result ({e!r}); re-run multilora eval") from None
     return data
 
 
@@ -663,6 +692,15 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
                    help="print eval.json files (or folders holding one) side by side instead of evaluating")
 
 
+def _check_out(out: Path) -> None:
+    """Refuse an eval.json path that cannot be written (a folder, below a file, no permission)."""
+    if out.is_dir():
+        raise MultiLoRAError(f"--out {out} is a folder; name a file such as {out / EVAL_NAME}")
+    if out.parent.exists() and not out.parent.is_dir():
+        raise MultiLoRAError(f"cannot write {out}: {out.parent} is a file, not a folder; choose another path")
+    check_writable_dir(out.parent, "folder of --out")
+
+
 def run_eval_cli(args: argparse.Namespace) -> None:
     """`multilora eval`: evaluate TARGET, print the table, write eval.json; or --compare results."""
     from rich.console import Console
@@ -679,20 +717,28 @@ def run_eval_cli(args: argparse.Namespace) -> None:
     if args.target is None:
         raise MultiLoRAError("name what to evaluate: multilora eval TARGET --tasks ... (or --compare RUN...)")
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not tasks:
+        raise MultiLoRAError(f"--tasks {args.tasks!r} names no task; e.g. --tasks {DEFAULT_TASKS}")
     from .tasks import get_task
+    from .tasks.mmlu import MAX_SHOTS
 
     for task in tasks:
         get_task(task)  # fail on a typo before loading a model
     for name, value, low in (("--generate", args.generate, 0), ("--max-new-tokens", args.max_new_tokens, 1),
-                             ("--batch-size", args.batch_size, 1), ("--shots", args.shots, 0)):
+                             ("--batch-size", args.batch_size, 1), ("--shots", args.shots, 0),
+                             ("--limit", 1 if args.limit is None else args.limit, 1)):
         if value < low:
             raise MultiLoRAError(f"{name} must be at least {low}, got {value}")
+    if args.shots > MAX_SHOTS:
+        raise MultiLoRAError(f"--shots must be 0..{MAX_SHOTS} (MMLU's dev split has {MAX_SHOTS} questions per "
+                             f"subject), got {args.shots}")
+    out = Path(args.out) if args.out else (Path(args.target) / EVAL_NAME if Path(args.target).is_dir()
+                                           else Path(EVAL_NAME))
+    _check_out(out)  # now, not after the whole evaluation
     model, tokenizer, identity = resolve_target(args.target, args.model)
     result = evaluate(model, tokenizer, tasks, shots=args.shots, limit=args.limit, batch_size=args.batch_size,
                       chat=args.chat, identity=identity, progress=True, generate=args.generate,
                       max_new_tokens=args.max_new_tokens, save_items=args.save_items)
-    out = Path(args.out) if args.out else (Path(args.target) / EVAL_NAME if Path(args.target).is_dir()
-                                           else Path(EVAL_NAME))
     write_json_atomic(out, result)
     console.print(result_table(result))
     gens = generations_table([result], [identity.get("target", "output")])

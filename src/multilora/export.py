@@ -48,7 +48,7 @@ from .checkpoint import (
 from .errors import MultiLoRAError
 from .inject import MultiLoRAConfig, linear_layers, unmerged_adapter_modules
 from .io import atomic_path, read_json_object, write_json_atomic
-from .layers import fuse
+from .layers import fuse, in_out_features
 
 PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
 PEFT_CONFIG_NAME = "adapter_config.json"
@@ -241,6 +241,85 @@ def _factors_from_folder(adapter_dir: str | os.PathLike) -> tuple[dict[str, Any]
     return factors, meta["fan_in_fan_out"], base.get("name_or_path", "")
 
 
+# --------------------------------------------------------------------------- PEFT adapters we read
+
+PICKLED_PEFT_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth", "adapter_model.ckpt")
+
+
+def refuse_pickled_peft(folder: str | os.PathLike) -> None:
+    """Raise if `folder` holds a pickled PEFT adapter (adapter_model.bin) but no adapter_model.safetensors.
+
+    Pickle files can run arbitrary code when loaded, so they are never opened: the message says how
+    to convert one to safetensors in an environment the user trusts.
+    """
+    d = Path(folder)
+    if (d / PEFT_WEIGHTS_NAME).is_file():
+        return
+    found = next((name for name in PICKLED_PEFT_NAMES if (d / name).is_file()), None)
+    if found is None:
+        return
+    raise MultiLoRAError(
+        f"{d / found} is a pickle file and {d} has no {PEFT_WEIGHTS_NAME}: multilora never loads pickles "
+        "(unpickling an untrusted file can run arbitrary code). Convert it to safetensors once, where you "
+        f"trust the file: peft.PeftModel.from_pretrained(base_model, '{d}').save_pretrained(OUT, "
+        f"safe_serialization=True), or safetensors.torch.save_file(torch.load('{d / found}', weights_only=True), "
+        f"'{d / PEFT_WEIGHTS_NAME}'); then use the safetensors folder"
+    )
+
+
+def check_peft_for_model(folder: str | os.PathLike, cfg: dict[str, Any], model: nn.Module) -> dict[str, torch.Tensor]:
+    """Check a PEFT adapter's LoRA tensors against `model` before peft loads them; returns the tensors.
+
+    Refuses, naming the file, a pickled adapter, an unreadable tensor file, a LoRA tensor for a
+    module the model lacks or whose shape does not fit it, and a rank that disagrees with `r`.
+    """
+    d = Path(folder)
+    refuse_pickled_peft(d)
+    weights = d / PEFT_WEIGHTS_NAME
+    if not weights.is_file():
+        raise MultiLoRAError(f"{weights} is missing: a PEFT adapter folder holds {PEFT_WEIGHTS_NAME} and {PEFT_CONFIG_NAME}")
+    try:
+        tensors = load_file(str(weights))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise MultiLoRAError(f"{weights} is not a readable safetensors file ({e})") from None
+    modules = dict(model.named_modules())
+    made_for = cfg.get("base_model_name_or_path") or "another model"
+    r = cfg.get("r")
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        m = _PEFT_KEY.match(key)
+        if m is None:
+            continue  # other PEFT tensors (DoRA magnitudes, embeddings): peft itself checks those
+        path = m.group(1)
+        if path not in modules:
+            raise MultiLoRAError(f"{weights}: tensor {key!r} is for module {path!r}, which this "
+                                 f"{type(model).__name__} does not have: the adapter was made for {made_for}")
+        pairs.setdefault(path, {})[m.group(2)] = t
+    for path, ab in pairs.items():
+        a, b = ab.get("A"), ab.get("B")
+        if a is None or b is None:
+            side = "A" if a is None else "B"
+            raise MultiLoRAError(f"{weights}: tensor 'base_model.model.{path}.lora_{side}.weight' is missing; "
+                                 "the adapter is incomplete")
+        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
+            raise MultiLoRAError(f"{weights}: module {path!r} has lora_A {tuple(a.shape)} and lora_B "
+                                 f"{tuple(b.shape)}, which do not multiply; the adapter is corrupt")
+        if not cfg.get("rank_pattern") and isinstance(r, int) and a.shape[0] != r:
+            raise MultiLoRAError(f"{weights}: module {path!r} has rank {a.shape[0]} (lora_A {tuple(a.shape)}), "
+                                 f"inconsistent with r = {r} in {d / PEFT_CONFIG_NAME}")
+        try:
+            d_in, d_out = in_out_features(modules[path])
+        except MultiLoRAError:
+            continue  # not a linear layer: peft decides
+        if a.shape[1] != d_in or b.shape[0] != d_out:
+            raise MultiLoRAError(f"{weights}: module {path!r} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} "
+                                 f"but this {type(model).__name__}'s layer maps {d_in} -> {d_out} features: the "
+                                 f"adapter was made for {made_for}")
+        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+            raise MultiLoRAError(f"{weights}: module {path!r} holds NaN or inf values; the adapter is corrupt")
+    return tensors
+
+
 # --------------------------------------------------------------------------- PEFT import
 
 _PEFT_KEY = re.compile(r"^base_model\.model\.(.+)\.lora_([AB])\.weight$")
@@ -261,9 +340,7 @@ def import_peft(
     if not d.is_dir():
         raise MultiLoRAError(f"PEFT adapter folder {d} does not exist")
     if not weights.is_file():
-        if (d / "adapter_model.bin").is_file():
-            raise MultiLoRAError(f"{d} holds adapter_model.bin (pickle); only {PEFT_WEIGHTS_NAME} is imported: "
-                                 "re-save it with peft's save_pretrained(..., safe_serialization=True)")
+        refuse_pickled_peft(d)
         raise MultiLoRAError(f"{weights} is missing: a PEFT adapter folder holds {PEFT_WEIGHTS_NAME} and {PEFT_CONFIG_NAME}")
     if not cfg_path.is_file():
         raise MultiLoRAError(f"{cfg_path} is missing: a PEFT adapter folder holds {PEFT_WEIGHTS_NAME} and {PEFT_CONFIG_NAME}")

@@ -104,10 +104,12 @@ def load_model(
 
     embedded = str(name_or_path) == DEFAULT_MODEL
     folder = embedded_model_path() if embedded else _local_folder(name_or_path)
+    _refuse_pickled_weights(Path(folder))
     try:
         with _quiet_transformers(logs=embedded):  # keep warnings (e.g. missing weights) for user folders
             model = AutoModelForCausalLM.from_pretrained(
-                folder, dtype=dtype, local_files_only=True, trust_remote_code=trust_remote_code
+                folder, dtype=dtype, local_files_only=True, trust_remote_code=trust_remote_code,
+                use_safetensors=True,  # never fall back to pytorch_model.bin (a pickle)
             )
             tokenizer = AutoTokenizer.from_pretrained(
                 folder, local_files_only=True, trust_remote_code=trust_remote_code
@@ -166,6 +168,20 @@ def tiny_model_path() -> Path:
 
 
 # --- internals ---------------------------------------------------------------------------------
+
+
+def _refuse_pickled_weights(folder: Path) -> None:
+    """Raise if `folder` has pickled weights (*.bin, *.pt, *.pth, *.ckpt) but no *.safetensors: never unpickle."""
+    if any(folder.glob("*.safetensors")):
+        return
+    pickled = sorted(p.name for ext in ("bin", "pt", "pth", "ckpt") for p in folder.glob(f"*.{ext}"))
+    if pickled:
+        raise MultiLoRAError(
+            f"{folder / pickled[0]} is a pickle file and {folder} has no *.safetensors weights: multilora never "
+            "loads pickles (unpickling an untrusted file can run arbitrary code). Convert it to safetensors once, "
+            f"where you trust the file: AutoModelForCausalLM.from_pretrained('{folder}').save_pretrained(OUT) "
+            "writes model.safetensors; then use OUT"
+        )
 
 
 def _local_folder(name_or_path: str | os.PathLike) -> Path:
@@ -229,6 +245,22 @@ def _cached_folder(name: str, required: tuple[tuple[str, ...], ...], build: Call
     final = root / name
     if _is_complete(final, required):
         return final
+    try:
+        return _build_cached_folder(root, final, name, required, build)
+    except Exception as e:  # a full disk or an unwritable cache: one line, naming the cache and the way out
+        from .io import WriteError, write_errno, write_failure
+
+        failure = write_failure(e, root if root.is_dir() else root.parent)
+        if failure is None or isinstance(e, MultiLoRAError):
+            raise
+        head = "no space left on device while writing" if failure[0] else f"cannot write ({failure[1]})"
+        todo = "free space" if failure[0] else "make it writable"
+        raise WriteError(f"{head} the model cache {final}; nothing is left half-written there; {todo}, or set "
+                         "MULTILORA_CACHE to another folder", write_errno(e)) from e
+
+
+def _build_cached_folder(root: Path, final: Path, name: str, required: tuple[tuple[str, ...], ...],
+                         build: Callable[[Path], None]) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     with open(root / f"{name}.lock", "a") as lock:
         try:

@@ -15,7 +15,7 @@ import math
 import statistics
 from pathlib import Path
 
-from .io import write_text_atomic
+from .io import atomic_path, write_text_atomic
 
 ADAPTED = ("lora", "multilora", "full")
 
@@ -212,10 +212,11 @@ def loss_curves_png(study: dict, path: Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    with_tmp = path.with_suffix(".tmp.png")
-    fig.savefig(with_tmp, dpi=120)
-    plt.close(fig)
-    with_tmp.replace(path)
+    try:
+        with atomic_path(path) as tmp:  # a killed or failed write leaves the previous plot
+            fig.savefig(tmp, dpi=120, format="png")
+    finally:
+        plt.close(fig)
     return path
 
 

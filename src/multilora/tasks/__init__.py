@@ -15,7 +15,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
-from ..data import Example, MCItem
+from ..data import Example, MCItem, data_root
 from ..errors import MultiLoRAError
 from . import alpaca, mmlu, superglue
 from .custom import load_custom, load_custom_items
@@ -65,6 +65,8 @@ TASKS: dict[str, TaskInfo] = _registry()
 
 def get_task(name: str) -> TaskInfo:
     """The registry entry for `name`, or a MultiLoRAError listing the known tasks."""
+    if not isinstance(name, str):
+        raise MultiLoRAError(f"a task name must be a string such as 'rte', got {type(name).__name__} {name!r:.80}")
     if name in TASKS:
         return TASKS[name]
     close = difflib.get_close_matches(name, TASKS, n=1)
@@ -80,7 +82,8 @@ def load_examples(name: str, split: str | None = None, root: str | Path | None =
     info = get_task(name)
     out = info.examples(split or info.train_split, root=root, **options)
     if not out:
-        raise MultiLoRAError(f"task {name!r} split {split or info.train_split!r} has no examples; check its data")
+        raise MultiLoRAError(f"task {name!r} split {split or info.train_split!r} has no examples; check its data "
+                             f"({_source(info, split or info.train_split, root, options)})")
     return out
 
 
@@ -92,8 +95,16 @@ def load_items(name: str, split: str | None = None, root: str | Path | None = No
         raise MultiLoRAError(f"task {name!r} has no multiple-choice items; it is evaluated by response perplexity")
     out = info.items(split or info.eval_split, root=root, **options)
     if not out:
-        raise MultiLoRAError(f"task {name!r} split {split or info.eval_split!r} has no items; check its data")
+        raise MultiLoRAError(f"task {name!r} split {split or info.eval_split!r} has no items; check its data "
+                             f"({_source(info, split or info.eval_split, root, options)})")
     return out
+
+
+def _source(info: TaskInfo, split: str, root: str | Path | None, options: dict) -> Path:
+    """The file (or pattern) a task's split was read from, for messages."""
+    if options.get("path") is not None:
+        return Path(options["path"])
+    return Path(root if root is not None else data_root()) / info.source.replace("<split>", split)
 
 
 def list_tasks(root: str | Path | None = None, subjects: bool = False) -> list[dict]:

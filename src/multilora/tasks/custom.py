@@ -9,8 +9,11 @@ separator you want between prompt and response into the data, e.g. a response " 
 
 from __future__ import annotations
 
+import codecs
 import csv
+import io
 import json
+import re
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -39,27 +42,54 @@ def read_rows(path: str | Path, fieldnames: Sequence[str] | None = None) -> list
     return rows
 
 
+def _read_text(path: Path) -> str:
+    """The file as text: UTF-8 (a leading byte-order mark is dropped), or a MultiLoRAError naming the line."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise MultiLoRAError(f"{path}: cannot read it ({e.strerror or e}); check the file's permissions") from None
+    data = data.removeprefix(codecs.BOM_UTF8)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise MultiLoRAError(f"{path}:{line}: not valid UTF-8 (byte 0x{data[e.start]:02x} at column {column}); "
+                             "re-save the file as UTF-8") from None
+
+
+def _loads(text: str, where: str) -> Any:
+    """json.loads, with the errors it raises besides JSONDecodeError turned into a MultiLoRAError."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        raise
+    except RecursionError:
+        raise MultiLoRAError(f"{where}: JSON nested too deeply to read; flatten the data") from None
+    except ValueError as e:  # e.g. an integer with more digits than Python converts
+        raise MultiLoRAError(f"{where}: unreadable JSON value ({_short(str(e))}); fix the data") from None
+
+
 def _read_jsonl(path: Path) -> list[Row]:
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise MultiLoRAError(f"{path}:{n}: malformed JSON ({e.msg}, column {e.colno}); "
-                                     "fix or remove that line") from None
-            if not isinstance(row, dict):
-                raise MultiLoRAError(f"{path}:{n}: expected a JSON object per line, got {type(row).__name__}")
-            rows.append((f"{path}:{n}", row))
+    for n, line in enumerate(io.StringIO(_read_text(path), newline=None), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = _loads(line, f"{path}:{n}")
+        except json.JSONDecodeError as e:
+            raise MultiLoRAError(f"{path}:{n}: malformed JSON ({e.msg}, column {e.colno}); "
+                                 "fix or remove that line") from None
+        if not isinstance(row, dict):
+            raise MultiLoRAError(f"{path}:{n}: expected a JSON object per line, got {type(row).__name__}")
+        rows.append((f"{path}:{n}", row))
     return rows
 
 
 def _read_json(path: Path) -> list[Row]:
-    text = path.read_text(encoding="utf-8")
+    text = _read_text(path)
     try:
-        data = json.loads(text)
+        data = _loads(text, str(path))
     except json.JSONDecodeError as e:
         if e.msg == "Extra data":  # one object per line under a .json name
             return _read_jsonl(path)
@@ -71,31 +101,72 @@ def _read_json(path: Path) -> list[Row]:
 
 def _read_csv(path: Path, fieldnames: Sequence[str] | None) -> list[Row]:
     rows = []
-    with open(path, encoding="utf-8", newline="") as f:
-        reader = csv.reader(f)
-        start = 1
+    reader = csv.reader(io.StringIO(_read_text(path), newline=""))
+    start = 1
+    limit = csv.field_size_limit(2**31 - 1)  # a long cell is data, not an error (default limit: 128 KiB)
+    try:
         for record in reader:
             where, start = f"{path}:{start}", reader.line_num + 1  # a quoted field may span lines
+            if not record:  # a blank line
+                continue
             if fieldnames is None:
                 fieldnames = record  # the header row
                 continue
             if len(record) != len(fieldnames):
-                raise MultiLoRAError(f"{where}: expected {len(fieldnames)} columns ({', '.join(fieldnames)}), "
+                raise MultiLoRAError(f"{where}: expected {len(fieldnames)} columns "
+                                     f"({_short(', '.join(_name(f) for f in fieldnames), 200)}), "
                                      f"got {len(record)}; fix the row's quoting or column count")
             rows.append((where, dict(zip(fieldnames, record))))
+    except csv.Error as e:
+        raise MultiLoRAError(f"{path}:{start}: malformed CSV ({e}); fix the row's quoting") from None
+    finally:
+        csv.field_size_limit(limit)
     return rows
+
+
+def _short(text: str, limit: int = 80) -> str:
+    """`text` cut to `limit` characters (with how long it was), so that a message stays short."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
+
+
+def _show(value: Any, limit: int = 80) -> str:
+    """A short one-line repr of a value from the data (newlines and odd characters escaped)."""
+    try:
+        text = repr(value)
+    except RecursionError:
+        text = f"<{type(value).__name__} nested too deeply>"
+    return _short(text, limit)
+
+
+def _name(key: Any) -> str:
+    """A field name as written, or its repr if it is empty, long or holds odd characters."""
+    return key if isinstance(key, str) and key and key.isprintable() and len(key) <= 40 else _show(key, 40)
+
+
+def _check_text(value: str, where: str, field: str) -> None:
+    """A MultiLoRAError if `value` cannot be written as UTF-8 (a lone surrogate from a JSON \\ud800 escape)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise MultiLoRAError(f"{where}: field {_show(field, 40)} holds a lone UTF-16 surrogate "
+                             f"{value[e.start]!r} at position {e.start}, which is not text; fix the row") from None
 
 
 def need(row: dict, field: str, where: str, types: tuple[type, ...] = (str,)) -> Any:
     """`row[field]`, or a MultiLoRAError naming the field and the fields present (or the wrong type)."""
+    if not isinstance(row, dict):
+        raise MultiLoRAError(f"{where}: expected an object with field {field!r}, got {type(row).__name__} "
+                             f"{_show(row)}; fix the data")
     if field not in row:
-        present = ", ".join(map(str, row)) or "none"
+        present = _short(", ".join(map(_name, row)), 200) or "none"
         raise MultiLoRAError(f"{where}: missing field {field!r} (fields present: {present}); "
                              "fix the data or map the right field")
     value = row[field]
     if not isinstance(value, types):
         want = " or ".join(t.__name__ for t in types)
-        raise MultiLoRAError(f"{where}: field {field!r} must be {want}, got {type(value).__name__} {value!r}")
+        raise MultiLoRAError(f"{where}: field {field!r} must be {want}, got {type(value).__name__} {_show(value)}")
+    if isinstance(value, str):
+        _check_text(value, where, field)
     return value
 
 
@@ -105,13 +176,17 @@ def label_index(value: Any, labels: Sequence[Any], where: str, field: str = "lab
         if value == label and type(value) is type(label):
             return i
     allowed = ", ".join(json.dumps(label) for label in labels)
-    raise MultiLoRAError(f"{where}: {field} {json.dumps(value)} is not in the label set ({allowed}); fix the row")
+    try:
+        shown = _short(json.dumps(value))
+    except (TypeError, ValueError, RecursionError):  # not JSON data (a `datasets` folder's row)
+        shown = _show(value)
+    raise MultiLoRAError(f"{where}: {field} {shown} is not in the label set ({allowed}); fix the row")
 
 
 def check_split(task: str, split: str, splits: Sequence[str]) -> None:
     """A MultiLoRAError unless `split` is one of the task's splits."""
-    if split not in splits:
-        raise MultiLoRAError(f"task {task!r} has splits {', '.join(splits)}; got {split!r}")
+    if not isinstance(split, str) or split not in splits:
+        raise MultiLoRAError(f"task {task!r} has splits {', '.join(splits)}; got {_show(split)}")
 
 
 # ----------------------------------------------------------------------------- user tasks
@@ -152,11 +227,13 @@ def _choices(row: dict, field: str, where: str) -> list[str]:
     if isinstance(value, str):  # CSV: a JSON list in one cell
         try:
             value = json.loads(value)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # malformed, too deeply nested, or a too long integer
             value = None
     if not isinstance(value, list) or len(value) < 2 or not all(isinstance(c, str) for c in value):
         raise MultiLoRAError(f"{where}: field {field!r} must be a list of at least 2 strings "
                              '(in a CSV cell: a JSON list such as ["yes", "no"])')
+    for i, choice in enumerate(value):
+        _check_text(choice, where, f"{field}[{i}]")
     return value
 
 
@@ -164,12 +241,12 @@ def _gold(row: dict, field: str, choices: list[str], where: str) -> int:
     value = need(row, field, where, (int, str))
     if isinstance(value, str) and value in choices:
         return choices.index(value)
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+    if isinstance(value, str) and re.fullmatch(r"\s*-?[0-9]{1,18}\s*", value):  # "1" in a CSV cell
         value = int(value)
     if isinstance(value, int) and 0 <= value < len(choices):
         return value
-    raise MultiLoRAError(f"{where}: {field} {value!r} is outside the label set (an index 0..{len(choices) - 1} "
-                         f"or one of {choices}); fix the row")
+    raise MultiLoRAError(f"{where}: {field} {_show(value)} is outside the label set (an index 0..{len(choices) - 1} "
+                         f"or one of {_show(choices, 200)}); fix the row")
 
 
 def load_custom_items(source: str | Path, prompt_field: str, choices_field: str, label_field: str,
