@@ -59,3 +59,12 @@ def randomize_adapters(model: torch.nn.Module, seed: int = 7, std: float = 0.2) 
     with torch.no_grad():
         for p in ml.adapter_parameters(model).values():
             p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and two threads on shared cores run several times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

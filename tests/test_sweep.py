@@ -10,7 +10,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 import multilora.analyze
@@ -25,13 +24,7 @@ NAMES = ["n=1__init=multilora__seed=0", "n=1__init=lora__seed=0", "n=2__init=mul
          "n=2__init=lora__seed=0"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and two threads on shared cores run several times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_base(path: Path, model: Path, lr: float = 0.01, heldout: bool = True, n: str = "n: 2, ") -> Path:
@@ -310,3 +303,14 @@ def test_cli_needs_a_base_config_or_summarize_only(capsys):
 def test_summarize_needs_a_sweep_folder(tmp_path):
     with pytest.raises(MultiLoRAError, match="holds no sweep.json"):
         summarize(tmp_path)
+
+
+def test_plot_panels_skip_keys_that_move_together():
+    from multilora.sweep import independent_keys
+
+    rows = [{"method": m, "adapter.r": r, "optim.s_lr_mult": s}
+            for m, r, s in [("lora", "24", "1.0"), ("multilora", "8", "1.0"), ("multilora", "8", "30.0")]]
+    assert independent_keys(rows, ["method", "adapter.r", "optim.s_lr_mult"]) == ["method", "optim.s_lr_mult"]
+    rows.append({"method": "multilora", "adapter.r": "4", "optim.s_lr_mult": "1.0"})  # r now varies on its own
+    assert independent_keys(rows, ["method", "adapter.r", "optim.s_lr_mult"]) == ["method", "adapter.r",
+                                                                                 "optim.s_lr_mult"]

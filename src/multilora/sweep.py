@@ -522,7 +522,7 @@ def summarize(out_dir: str | Path) -> Path:
     if not any(r["curve"] for r in rows):
         notes.append("no held-out loss curves: the runs logged no held-out evaluation; set data.eval_examples > 0 "
                      "and train.eval_every > 0 in the base config to get them")
-    figures = write_plots(rows, manifest, out)
+    figures = write_plots([r for r in rows if r["note"] != "not finished"], manifest, out)
     path = out / "sweep.md"
     write_text_atomic(path, summary_markdown(manifest, rows, figures, notes))
     return path
@@ -543,14 +543,15 @@ def write_plots(rows: list[dict[str, Any]], manifest: dict[str, Any], out: Path)
     scores = [m for m in scores + [("heldout_loss", "held-out loss ↓")] if _has(rows, m[0])]
     spectrum = [m for m in (("effective_rank", "effective rank"), ("top1_share", "top-1 energy share"))
                 if _has(rows, m[0])]
-    by_n = ["adapter.n"] if "adapter.n" in all_keys else all_keys
+    keys = independent_keys(rows, all_keys)
+    by_n = ["adapter.n"] if "adapter.n" in keys else keys
     made = {}
     if scores:
-        made[FIGURES[0]] = _panels(rows, scores, all_keys, all_keys)
+        made[FIGURES[0]] = _panels(rows, scores, keys, keys)
     if any(r["curve"] for r in rows):
         made[FIGURES[1]] = _plot_heldout(rows)
     if spectrum:
-        made[FIGURES[2]] = _panels(rows, spectrum, by_n, all_keys)
+        made[FIGURES[2]] = _panels(rows, spectrum, by_n, keys)
     for file, caption in FIGURES:
         if (file, caption) not in made:
             (out / file).unlink(missing_ok=True)  # no data now: drop a stale plot of an earlier summary
@@ -558,6 +559,21 @@ def write_plots(rows: list[dict[str, Any]], manifest: dict[str, Any], out: Path)
         with atomic_path(out / file) as tmp:
             fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
     return list(made)
+
+
+def independent_keys(rows: list[dict[str, Any]], keys: list[str]) -> list[str]:
+    """The swept keys worth a panel: a key whose values pair one-to-one with an earlier key's values
+    (adapter.r and adapter.alpha set together with method=lora, say) is left out."""
+    kept: list[str] = []
+    for key in keys:
+        if not any(_one_to_one(rows, earlier, key) for earlier in kept):
+            kept.append(key)
+    return kept
+
+
+def _one_to_one(rows: list[dict[str, Any]], a: str, b: str) -> bool:
+    pairs = {(r[a], r[b]) for r in rows}
+    return len(pairs) == len({x for x, _ in pairs}) == len({y for _, y in pairs})
 
 
 def _has(rows: list[dict[str, Any]], metric: str) -> bool:
@@ -606,6 +622,9 @@ def _panels(rows: list[dict[str, Any]], metrics: list[tuple[str, str]], plot_key
                 ax.errorbar([pos[x] for x in xs], [m for m, _ in stats], yerr=[s for _, s in stats], marker="o",
                             capsize=3, label=label)
             ticks = sorted(pos.items(), key=lambda kv: kv[1])
+            if numeric and ticks[0][1] > 0 and ticks[-1][1] >= 10 * ticks[0][1]:  # e.g. lr multipliers 1..100
+                ax.set_xscale("log")
+                ax.minorticks_off()
             ax.set_xticks([x for _, x in ticks], [v for v, _ in ticks], rotation=0 if numeric else 20)
             ax.set_xlabel(key)
             ax.set_ylabel(title)

@@ -143,13 +143,18 @@ def check_all(folder: Path, out: Path, model, tiny_dir, capsys, tally, what: str
 # ----------------------------------------------------------------------------- adapter.safetensors
 
 
-def test_truncated_zero_length_and_padded_tensor_files(adapter, tiny_dir, tmp_path, capsys, tally):
+def _tensor_file_case(adapter: Path, tmp_path: Path) -> tuple[Path, Path, bytes, int, Path]:
+    """A copy of the adapter to damage: (folder, its tensor file, the good bytes, end of the header, an out folder)."""
     work = copy(adapter, tmp_path / "ad")
     weights = work / WEIGHTS_NAME
     good = weights.read_bytes()
-    header_end = 8 + int.from_bytes(good[:8], "little")
     out = tmp_path / "out"
     out.mkdir()
+    return work, weights, good, 8 + int.from_bytes(good[:8], "little"), out
+
+
+def test_truncated_zero_length_and_padded_tensor_files(adapter, tiny_dir, tmp_path, capsys, tally):
+    work, weights, good, header_end, out = _tensor_file_case(adapter, tmp_path)
     model = make_tiny("llama")
     damages = {
         "zero-length": b"",
@@ -172,12 +177,7 @@ def test_truncated_zero_length_and_padded_tensor_files(adapter, tiny_dir, tmp_pa
 
 
 def test_bit_flips_anywhere_are_caught_by_the_checksum(adapter, tiny_dir, tmp_path, capsys, tally):
-    work = copy(adapter, tmp_path / "ad")
-    weights = work / WEIGHTS_NAME
-    good = weights.read_bytes()
-    header_end = 8 + int.from_bytes(good[:8], "little")
-    out = tmp_path / "out"
-    out.mkdir()
+    work, weights, good, header_end, out = _tensor_file_case(adapter, tmp_path)
     model = make_tiny("llama")
     rng = random.Random(20240611)
     positions = (list(range(8)) + rng.sample(range(8, header_end), 72)  # the length prefix, the JSON header
