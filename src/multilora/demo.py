@@ -38,6 +38,9 @@ DEFAULT_STEPS = 64
 QUICK_STEPS = 6
 EVAL_LIMIT = 40  # items per task (per MMLU subject: 1), a few minutes per model on 2 cores
 QUICK_EVAL_LIMIT = 8
+# MultiLoRA's scales learn at 30x the lr: with s = 0 at init they gate every gradient to A and B, and at
+# the paper's 1x MultiLoRA trails LoRA on a budget this short (README, "Learning dynamics": the sweep)
+S_LR_MULT = 30.0
 DONE_FILE = "demo_run.json"  # written into a run folder when its training finished
 MMLU_SUBJECTS_SHARE = 20  # MMLU's limit is per subject (57 of them): use limit // 20 per subject
 STEP_WEIGHT, EVAL_WEIGHT = 1.0, 8.0  # rough cost of a training step vs evaluating one task, for the ETA
@@ -57,7 +60,8 @@ def demo_config(method: str, out_dir: str | Path, steps: int = DEFAULT_STEPS, se
         **({"adapter": adapter} if adapter else {}),
         "data": {"tasks": TASKS, "mixture": "temperature", "temperature": 2.0, "max_len": 128, "chat": False,
                  "eval_examples": 0},
-        "optim": {"lr": 3e-5 if method == "full" else 3e-4, "weight_decay": 0.0, "warmup_steps": max(1, steps // 10),
+        "optim": {"lr": 3e-5 if method == "full" else 3e-4, **({"s_lr_mult": S_LR_MULT} if method == "multilora" else {}),
+                  "weight_decay": 0.0, "warmup_steps": max(1, steps // 10),
                   "schedule": "cosine", "grad_clip": 1.0},
         "train": {"batch_size": 4, "grad_accum": 1, "max_steps": steps, "seed": seed, "eval_every": 0,
                   "save_every": 0, "keep_last": 1},
@@ -106,7 +110,8 @@ def run_demo(out_dir: str | Path | None = None, steps: int | None = None, seeds:
         "model": model_name, "tasks": TASKS, "eval_tasks": TASKS, "steps": steps, "seeds": list(range(seeds)),
         "batch_size": 4, "max_len": 128, "mixture": "temperature (T = 2)", "eval_limit": limit,
         "mmlu_per_subject": max(1, limit // MMLU_SUBJECTS_SHARE),
-        "methods": {m: {"trainable": 0, "share": 0.0, "seconds": [], "runs": [], "train_loss": [], "lr": 0.0}
+        "methods": {m: {"trainable": 0, "share": 0.0, "seconds": [], "runs": [], "train_loss": [], "lr": 0.0,
+                        "s_lr_mult": 1.0}
                     for m in METHODS},
         "evals": {}, "data_sizes": {},
     }
@@ -144,7 +149,7 @@ def run_demo(out_dir: str | Path | None = None, steps: int | None = None, seeds:
                 arm["seconds"].append(seconds)
                 arm["runs"].append(str(run))
                 arm["train_loss"].append([r["loss"] for r in read_metrics(run) if "loss" in r])
-                arm["lr"] = config.optim.lr
+                arm["lr"], arm["s_lr_mult"] = config.optim.lr, config.optim.s_lr_mult
                 timings["train"] += seconds
 
         t0 = time.perf_counter()  # 3. evaluation

@@ -230,7 +230,8 @@ def write_report(study: dict, out_dir: str | Path) -> Path:
                    "|---|---:|---:|---:|---:|"]
     for name, m in study["methods"].items():
         secs = statistics.fmean(m["seconds"])
-        method_rows.append(f"| {name} | {m['trainable']:,} | {100 * m['share']:.2f}% | {m['lr']:g} | {secs:.0f} s |")
+        lr = f"{m['lr']:g}" + (f" (scales x{m['s_lr_mult']:g})" if m.get("s_lr_mult", 1.0) != 1.0 else "")
+        method_rows.append(f"| {name} | {m['trainable']:,} | {100 * m['share']:.2f}% | {lr} | {secs:.0f} s |")
     sizes = ", ".join(f"{task} {s['train']:,}" for task, s in study["data_sizes"].items())
     analysis_dir = study.get("analysis_dir", "analysis")
     figures = [f for f in ("spectra.png", "effective_rank_by_depth.png", "energy_share.png", "multilora_scales.png")
