@@ -64,7 +64,10 @@ def sweep_block(out: Path) -> str:
     """README text for a finished `multilora sweep` folder: its table, the run command, two figures."""
     md = (out / "sweep.md").read_text(encoding="utf-8")
     manifest = json.loads((out / "sweep.json").read_text(encoding="utf-8"))
-    table = "\n".join(line for line in md.split("## What was run")[0].splitlines() if line.startswith("|"))
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")]
+            for line in md.split("## What was run")[0].splitlines() if line.startswith("|")]
+    drop = [i for i, cell in enumerate(rows[0]) if cell.strip() == "train s"]  # depends on other load: in sweep.csv
+    table = "\n".join("| " + " | ".join(c for i, c in enumerate(r) if i not in drop) + " |" for r in rows)
     docs = ROOT / "docs"
     docs.mkdir(exist_ok=True)
     figures = []
