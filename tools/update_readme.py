@@ -84,16 +84,16 @@ def sweep_block(out: Path) -> str:
 
 
 def reliability_block(figures: Path) -> str:
-    """RELIABILITY.md's table: cases tried and protection failures per category and entry point."""
+    """RELIABILITY.md's tables: cases tried and protection failures per category, then per entry point."""
     data = json.loads(figures.read_text(encoding="utf-8"))
-    lines = ["| category | entry point | cases tried | failures |", "|---|---|---:|---:|"]
+    summary = ["| category | entry points | cases tried | failures |", "|---|---:|---:|---:|"]
+    detail = ["| category | entry point | cases tried | failures |", "|---|---|---:|---:|"]
     for category in sorted(data):
-        for entry, cell in sorted(data[category].items()):
-            lines.append(f"| {category} | {entry} | {cell['cases']:,} | {cell['failures']} |")
-        total = sum(c["cases"] for c in data[category].values())
-        bad = sum(c["failures"] for c in data[category].values())
-        lines.append(f"| **{category}** | **all** | **{total:,}** | **{bad}** |")
-    return "\n".join(lines)
+        cells = data[category]
+        summary.append(f"| {category} | {len(cells)} | {sum(c['cases'] for c in cells.values()):,} | "
+                       f"{sum(c['failures'] for c in cells.values())} |")
+        detail += [f"| {category} | {entry} | {c['cases']:,} | {c['failures']} |" for entry, c in sorted(cells.items())]
+    return "\n".join(summary + ["", "<details><summary>Per entry point</summary>", "", *detail, "", "</details>"])
 
 
 def splice(readme: str, name: str, body: str) -> str:
