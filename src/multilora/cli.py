@@ -44,12 +44,14 @@ def cmd_export(args: argparse.Namespace) -> None:
         model.save_pretrained(out)
         tokenizer.save_pretrained(out)
     except Exception as e:  # a full disk: one line, not a traceback
-        from .io import write_error, write_failure
+        from .io import failed_write
 
-        if write_failure(e, out if out.is_dir() else out.parent) is None:
+        error = failed_write(e, f"saving the merged model to {out}", out if out.is_dir() else out.parent,
+                             kept="the merged model there is incomplete",
+                             then=" (or choose another --out) and export again")
+        if error is None:
             raise
-        raise write_error(out, e, kept="the merged model there is incomplete",
-                          fix="free space or choose another --out, and export again") from e
+        raise error from e
     print(f"wrote merged model to {out} (load it with AutoModelForCausalLM.from_pretrained)")
 
 

@@ -69,6 +69,20 @@ def write_failure(exc: BaseException, folder: str | os.PathLike) -> tuple[bool, 
     return None
 
 
+def failed_write(exc: BaseException, doing: str, folder: str | os.PathLike, kept: str,
+                 then: str) -> WriteError | None:
+    """The one-line WriteError for a write that failed while `doing` ("saving checkpoint step-4 to DIR"):
+    why, what is `kept`, and how to go on ("free space" or "make the folder writable", then `then`);
+    None when `exc` is not a failed write into `folder` (a bug: let its traceback show)."""
+    failure = write_failure(exc, folder)
+    if failure is None:
+        return None
+    full, why = failure
+    head = f"no space left on device while {doing} (the disk is full)" if full else f"{doing} failed ({why})"
+    return WriteError(f"{head}; {kept}; {'free space' if full else 'make the folder writable'}{then}",
+                      write_errno(exc))
+
+
 def _why(exc: BaseException) -> str:
     code = write_errno(exc)
     if isinstance(exc, OSError) and exc.strerror:
@@ -97,11 +111,16 @@ def write_error(path: str | os.PathLike, exc: BaseException, kept: str | None = 
                       f"{fix or 'make the folder writable or choose another path'}", write_errno(exc))
 
 
+def _nearest_existing(path: Path) -> Path:
+    """`path` itself if it exists, else its nearest existing ancestor (the root at the latest)."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
 def _file_ancestor(folder: Path) -> Path | None:
     """The nearest existing ancestor of `folder` (itself included) if it is not a folder, else None."""
-    p = folder
-    while not p.exists() and p != p.parent:
-        p = p.parent
+    p = _nearest_existing(folder)
     return p if p.exists() and not p.is_dir() else None
 
 
@@ -217,9 +236,7 @@ def check_writable_dir(folder: str | os.PathLike, label: str = "output folder") 
         if blocker is not None:
             raise WriteError(f"cannot create the {label} {folder}: {blocker} is a file, not a folder; "
                              "choose another path", errno.ENOTDIR)
-        probe_in = folder.parent
-        while not probe_in.exists() and probe_in != probe_in.parent:
-            probe_in = probe_in.parent
+        probe_in = _nearest_existing(folder.parent)
     try:
         fd, probe = tempfile.mkstemp(prefix=".multilora-write-test.", suffix=".tmp", dir=probe_in)
         os.close(fd)

@@ -248,15 +248,14 @@ def _cached_folder(name: str, required: tuple[tuple[str, ...], ...], build: Call
     try:
         return _build_cached_folder(root, final, name, required, build)
     except Exception as e:  # a full disk or an unwritable cache: one line, naming the cache and the way out
-        from .io import WriteError, write_errno, write_failure
+        from .io import failed_write
 
-        failure = write_failure(e, root if root.is_dir() else root.parent)
-        if failure is None or isinstance(e, MultiLoRAError):
+        error = None if isinstance(e, MultiLoRAError) else failed_write(
+            e, f"writing the model cache {final}", root if root.is_dir() else root.parent,
+            kept="nothing is left half-written there", then=", or set MULTILORA_CACHE to another folder")
+        if error is None:
             raise
-        head = "no space left on device while writing" if failure[0] else f"cannot write ({failure[1]})"
-        todo = "free space" if failure[0] else "make it writable"
-        raise WriteError(f"{head} the model cache {final}; nothing is left half-written there; {todo}, or set "
-                         "MULTILORA_CACHE to another folder", write_errno(e)) from e
+        raise error from e
 
 
 def _build_cached_folder(root: Path, final: Path, name: str, required: tuple[tuple[str, ...], ...],

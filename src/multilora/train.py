@@ -45,7 +45,8 @@ from torch import nn
 from .config import TrainConfig, config_from_flat, flatten, help_text, load_config, valid_keys
 from .data import IGNORE, Example, MixtureSampler, collate, tokenize_example
 from .errors import MultiLoRAError
-from .io import fsync_dir, write_json_atomic, write_text_atomic
+from .io import (WriteError, check_writable_dir, failed_write, fsync_dir, fsync_tree, read_json_object, write_error,
+                 write_json_atomic, write_text_atomic)
 
 if TYPE_CHECKING:
     from .inject import MultiLoRAConfig
@@ -83,8 +84,8 @@ class Plan:
     def describe(self) -> str:
         """A few lines: method, parameters, data, schedule."""
         c = self.config
-        groups = ", ".join(f"{g['name']}: {sum(p.numel() for p in g['params']):,} (lr {g['lr']:g}, wd {g['weight_decay']})"
-                           for g in self.param_groups)
+        groups = ", ".join(f"{g['name']}: {sum(p.numel() for p in g['params']):,} "
+                           f"(lr {g['lr']:g}, wd {g['weight_decay']})" for g in self.param_groups)
         sizes = ", ".join(f"{t} {len(v):,}" for t, v in self.train_examples.items())
         return (f"{c.method} on {c.model}: trainable {self.counts['trainable']:,} / frozen {self.counts['frozen']:,} "
                 f"parameters ({100 * self.counts['trainable'] / max(1, self.counts['total']):.3f}%); groups {groups}\n"
@@ -309,15 +310,18 @@ def _append_jsonl(path: Path, record: dict) -> None:
             f.flush()
             os.fsync(f.fileno())
     except OSError as e:
-        from .io import is_disk_full, write_error
+        error = _run_write_error(e, f"saving {path}", path.parent)
+        if error is None:
+            raise
+        raise error from e
 
-        done = checkpoint_dirs(path.parent)
-        todo = "free space" if is_disk_full(e) else "make the folder writable"
-        if done:
-            kept, fix = f"the checkpoint {done[-1][1]} is kept", f"{todo} and --resume {path.parent}"
-        else:
-            kept, fix = "no checkpoint was saved yet", f"{todo} and start again with --overwrite"
-        raise write_error(path, e, kept=kept, fix=fix) from e
+
+def _run_write_error(exc: BaseException, doing: str, run_dir: Path, previous: str = "") -> WriteError | None:
+    """io.failed_write for a write in a run folder: the newest checkpoint is what is kept, --resume the way on."""
+    done = checkpoint_dirs(run_dir)
+    kept, then = ((f"the {previous}checkpoint {done[-1][1]} is kept", f" and --resume {run_dir}") if done else
+                  ("no checkpoint was saved yet", " and start the run again with --overwrite"))
+    return failed_write(exc, doing, run_dir if run_dir.is_dir() else run_dir.parent, kept, then)
 
 
 def _save_checkpoint(accelerator: Any, run_dir: Path, step: int, sampler: MixtureSampler, keep_last: int,
@@ -328,10 +332,6 @@ def _save_checkpoint(accelerator: Any, run_dir: Path, step: int, sampler: Mixtur
     checkpoint as it was and raises a WriteError naming the checkpoint that is kept. Old checkpoints
     are renamed aside before they are deleted, so a killed run never leaves a half-deleted step-N.
     """
-    import errno
-
-    from .io import WriteError, fsync_tree, write_errno, write_failure
-
     root = run_dir / CHECKPOINTS
     tmp, final = root / f".step-{step}.tmp", root / f"step-{step}"
     aside = root / f".step-{step}.old.tmp"
@@ -361,18 +361,10 @@ def _save_checkpoint(accelerator: Any, run_dir: Path, step: int, sampler: Mixtur
             shutil.rmtree(tmp, ignore_errors=True)  # frees the space the partial checkpoint took
             if moved_aside and not final.exists():
                 os.replace(aside, final)
-        failure = write_failure(e, root if root.is_dir() else run_dir)
-        if failure is None:  # not a write problem: a bug, keep its traceback
+        error = _run_write_error(e, f"saving checkpoint step-{step} to {root}", run_dir, previous="previous ")
+        if error is None:  # not a write problem: a bug, keep its traceback
             raise
-        full, why = failure
-        done = checkpoint_dirs(run_dir)
-        kept = f"the previous checkpoint {done[-1][1]} is kept" if done else "no earlier checkpoint exists"
-        fix = f"--resume {run_dir}" if done else "start the run again with --overwrite"
-        if full:
-            raise WriteError(f"no space left on device while saving checkpoint step-{step} to {root}; {kept}; "
-                             f"free space and {fix}", errno.ENOSPC) from e
-        raise WriteError(f"cannot save checkpoint step-{step} to {root} ({why}); {kept}; make the folder "
-                         f"writable and {fix}", write_errno(e)) from e
+        raise error from e
     if accelerator.is_main_process:
         for _, old in checkpoint_dirs(run_dir)[:-keep_last]:
             doomed = root / f".{old.name}.old.tmp"
@@ -388,7 +380,6 @@ def _save_checkpoint(accelerator: Any, run_dir: Path, step: int, sampler: Mixtur
 def _verify_checkpoint(ck: Path) -> None:
     """Every file the checkpoint recorded in trainer_state.json is there with its sha256 (else: name it)."""
     from .checkpoint import sha256_file
-    from .io import read_json_object
 
     fix = f"delete {ck} to resume from the checkpoint before it"
     files = read_json_object(ck / STATE_FILE, fix=fix).get("files")
@@ -470,18 +461,12 @@ def _save_final(plan: Plan, accelerator: Any, model: nn.Module, run_dir: Path) -
             "load_with": "multilora.models.load_model(run_dir) or AutoModelForCausalLM.from_pretrained(run_dir)",
         })
     except Exception as e:  # a full disk or an unwritable folder: one line naming what is kept
-        from .io import WriteError, write_errno, write_failure
-
         shutil.rmtree(run_dir / ".full.tmp", ignore_errors=True)
-        failure = write_failure(e, run_dir)
-        if failure is None:
+        what = "model" if plan.config.method == "full" else "adapter"
+        error = _run_write_error(e, f"saving the {what} of the finished run to {run_dir}", run_dir)
+        if error is None:
             raise
-        done = checkpoint_dirs(run_dir)
-        kept = f"the checkpoint {done[-1][1]} is kept" if done else "no checkpoint was saved"
-        head = "no space left on device while saving" if failure[0] else f"cannot save ({failure[1]})"
-        todo = "free space" if failure[0] else "make the folder writable"
-        raise WriteError(f"{head} the {'model' if plan.config.method == 'full' else 'adapter'} of the finished run "
-                         f"to {run_dir}; {kept}; {todo} and --resume {run_dir} to write it", write_errno(e)) from e
+        raise error from e
 
 
 def save_adapter_from_state(config: TrainConfig, model_config: Any, state: dict[str, torch.Tensor],
@@ -523,10 +508,7 @@ def _lock_run_dir(run_dir: Path) -> Any:
     try:
         run_dir.parent.mkdir(parents=True, exist_ok=True)
         fh = open(path, "a+")  # noqa: SIM115 -- held until the run ends
-    except OSError as e:
-        from .io import check_writable_dir, write_error
-
-        check_writable_dir(run_dir, "output_dir")  # the clearer message, when it finds the problem
+    except OSError as e:  # train() checked the folder first: this is a race or an odd file system
         raise write_error(path, e, kept="the run did not start",
                           fix="make the folder writable or set another output_dir") from None
     try:
@@ -607,8 +589,6 @@ def train(config: TrainConfig | None, *, resume: str | os.PathLike | None = None
             raise MultiLoRAError("train.log_tensorboard is on but tensorboard is not installed: "
                                  "pip install tensorboard, or set train.log_tensorboard false") from None
     run_dir = Path(config.output_dir)
-    from .io import check_writable_dir
-
     check_writable_dir(run_dir, "output_dir")  # now, not after the model is loaded or at the first save
     try:
         accelerator = Accelerator(
