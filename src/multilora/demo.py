@@ -46,6 +46,11 @@ MMLU_SUBJECTS_SHARE = 20  # MMLU's limit is per subject (57 of them): use limit 
 STEP_WEIGHT, EVAL_WEIGHT = 1.0, 8.0  # rough cost of a training step vs evaluating one task, for the ETA
 
 
+def task_limit(task: str, limit: int) -> int:
+    """The `evaluate` limit that gives `task` about `limit` items: MMLU's limit counts per subject."""
+    return max(1, limit // MMLU_SUBJECTS_SHARE) if task == "mmlu" else limit
+
+
 def demo_config(method: str, out_dir: str | Path, steps: int = DEFAULT_STEPS, seed: int = 0,
                 model: str = DEFAULT_MODEL) -> TrainConfig:
     """The training config of one arm of the study (the same as recipes/demo-<method>.yaml)."""
@@ -60,8 +65,8 @@ def demo_config(method: str, out_dir: str | Path, steps: int = DEFAULT_STEPS, se
         **({"adapter": adapter} if adapter else {}),
         "data": {"tasks": TASKS, "mixture": "temperature", "temperature": 2.0, "max_len": 128, "chat": False,
                  "eval_examples": 0},
-        "optim": {"lr": 3e-5 if method == "full" else 3e-4, **({"s_lr_mult": S_LR_MULT} if method == "multilora" else {}),
-                  "weight_decay": 0.0, "warmup_steps": max(1, steps // 10),
+        "optim": {"lr": 3e-5 if method == "full" else 3e-4,
+                  **({"s_lr_mult": S_LR_MULT} if method == "multilora" else {}), "weight_decay": 0.0, "warmup_steps": max(1, steps // 10),
                   "schedule": "cosine", "grad_clip": 1.0},
         "train": {"batch_size": 4, "grad_accum": 1, "max_steps": steps, "seed": seed, "eval_every": 0,
                   "save_every": 0, "keep_last": 1},
@@ -109,7 +114,7 @@ def run_demo(out_dir: str | Path | None = None, steps: int | None = None, seeds:
     study: dict[str, Any] = {
         "model": model_name, "tasks": TASKS, "eval_tasks": TASKS, "steps": steps, "seeds": list(range(seeds)),
         "batch_size": 4, "max_len": 128, "mixture": "temperature (T = 2)", "eval_limit": limit,
-        "mmlu_per_subject": max(1, limit // MMLU_SUBJECTS_SHARE),
+        "mmlu_per_subject": task_limit("mmlu", limit),
         "methods": {m: {"trainable": 0, "share": 0.0, "seconds": [], "runs": [], "train_loss": [], "lr": 0.0,
                         "s_lr_mult": 1.0}
                     for m in METHODS},
@@ -166,8 +171,7 @@ def run_demo(out_dir: str | Path | None = None, steps: int | None = None, seeds:
                 result = {"tasks": {}, "identity": identity, "limit": limit}
                 for task in TASKS:
                     stage(f"evaluate {name}: {task}")
-                    n = study["mmlu_per_subject"] if task == "mmlu" else limit
-                    result["tasks"].update(evaluate(model, tokenizer, [task], limit=n)["tasks"])
+                    result["tasks"].update(evaluate(model, tokenizer, [task], limit=task_limit(task, limit))["tasks"])
                     progress.update(bar, advance=EVAL_WEIGHT)
                 write_json_atomic(saved, result)
             study["evals"].setdefault(name, []).append(result)

@@ -30,7 +30,7 @@ import yaml
 
 from .analyze import analyze, analyze_run
 from .config import ALIASES, flatten, load_config, valid_keys
-from .demo import EVAL_LIMIT, MMLU_SUBJECTS_SHARE
+from .demo import EVAL_LIMIT, MMLU_SUBJECTS_SHARE, task_limit
 from .errors import MultiLoRAError
 from .evaluate import EVAL_NAME, evaluate, resolve_target
 from .io import atomic_path, read_json_object, write_json_atomic, write_text_atomic
@@ -258,7 +258,7 @@ def train_run(run: dict[str, Any], progress: bool) -> bool:
 
 def eval_settings(tasks: list[str], limit: int) -> dict[str, Any]:
     """What an eval.json of the sweep was computed with (a cached one is reused only if these match)."""
-    return {"tasks": tasks, "limit": limit, "mmlu_per_subject": max(1, limit // MMLU_SUBJECTS_SHARE)}
+    return {"tasks": tasks, "limit": limit, "mmlu_per_subject": task_limit("mmlu", limit)}
 
 
 def evaluate_run(folder: Path, tasks: list[str], limit: int, progress: bool) -> bool:
@@ -271,14 +271,10 @@ def evaluate_run(folder: Path, tasks: list[str], limit: int, progress: bool) -> 
     if not tasks or (path.is_file() and _read_json(path).get("sweep") == settings):
         return False
     model, tokenizer, identity = resolve_target(str(folder))
-    result: dict[str, Any] = {}
-    for group, n in (([t for t in tasks if t != "mmlu"], limit), ([t for t in tasks if t == "mmlu"],
-                                                                   settings["mmlu_per_subject"])):
-        if group:
-            part = evaluate(model, tokenizer, group, limit=n, identity=identity, progress=progress)
-            result = {**part, "tasks": {**result.get("tasks", {}), **part["tasks"]},
-                      "seconds": result.get("seconds", 0.0) + part["seconds"]}
-    result["tasks"] = {t: result["tasks"][t] for t in tasks}
+    parts = [evaluate(model, tokenizer, [t], limit=task_limit(t, limit), identity=identity, progress=progress)
+             for t in tasks]
+    result = {**parts[0], "tasks": {t: p["tasks"][t] for t, p in zip(tasks, parts)},
+              "seconds": sum(p["seconds"] for p in parts)}
     result["settings"].update(tasks=tasks, limit=limit, mmlu_per_subject=settings["mmlu_per_subject"])
     write_json_atomic(path, {**result, "sweep": settings})
     return True
