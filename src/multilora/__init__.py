@@ -6,12 +6,11 @@
     ml.save_adapter(model, "out/")     ml.merge(model)     ml.export_peft(model, "peft/")
 """
 
-__version__ = "0.1.0"
-
-from .checkpoint import load_adapter, save_adapter  # noqa: E402
-from .errors import MultiLoRAError  # noqa: E402
-from .export import export_peft  # noqa: E402
-from .inject import (  # noqa: E402
+from ._version import __version__
+from .checkpoint import load_adapter, save_adapter
+from .errors import MultiLoRAError
+from .export import export_peft
+from .inject import (
     InjectSummary,
     MultiLoRAConfig,
     adapter_modules,
@@ -22,7 +21,7 @@ from .inject import (  # noqa: E402
     unload,
     unmerge,
 )
-from .layers import MultiLoRALinear  # noqa: E402
+from .layers import MultiLoRALinear
 
 __all__ = [
     "InjectSummary", "MultiLoRAConfig", "MultiLoRAError", "MultiLoRALinear", "adapter_modules",

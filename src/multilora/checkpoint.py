@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from . import __version__
+from ._version import __version__
 from .errors import MultiLoRAError
 from .inject import (MultiLoRAConfig, adapter_parameters, inject, linear_layers, refuse_if_injected,
                      unmerged_adapter_modules)

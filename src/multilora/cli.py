@@ -9,7 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import __version__
+from ._version import __version__
 from .analyze import add_analyze_arguments, run_analyze_cli
 from .demo import DEFAULT_STEPS, EVAL_LIMIT, QUICK_EVAL_LIMIT, QUICK_STEPS
 from .errors import MultiLoRAError

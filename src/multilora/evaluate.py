@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from .data import IGNORE, MCItem, collate, encode_prompt, render, tokenize_example
+from ._version import __version__
 from .errors import MultiLoRAError
 from .io import check_writable_dir, read_json_object, write_json_atomic
 
@@ -375,7 +376,6 @@ def evaluate(model: nn.Module, tokenizer: Any, tasks: Sequence[str], shots: int 
     `generate` > 0 adds greedy outputs for that many held-out Alpaca prompts (compare them across runs);
     `save_items` keeps every item's scores (ll, ll_norm, pred, pred_norm, gold, task, group).
     """
-    from . import __version__
     from .tasks import get_task, load_examples
 
     if isinstance(tasks, str):
