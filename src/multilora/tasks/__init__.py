@@ -20,8 +20,13 @@ from ..errors import MultiLoRAError
 from . import alpaca, mmlu, superglue
 from .custom import load_custom, load_custom_items
 
-__all__ = ["TASKS", "TaskInfo", "get_task", "list_tasks", "load_examples", "load_items",
-           "load_custom", "load_custom_items"]
+__all__ = ["TASKS", "TaskInfo", "PAPER_MIXTURE", "DEFAULT_EVAL_TASKS", "get_task", "eval_limit", "list_tasks",
+           "load_examples", "load_items", "load_custom", "load_custom_items"]
+
+# The paper's mixture: instruction following, world knowledge (MMLU trains on val, evaluates on test), NLU
+PAPER_MIXTURE = ("alpaca", "mmlu", "boolq", "rte", "wic")
+DEFAULT_EVAL_TASKS = ("mmlu", "boolq", "rte", "wic")  # `multilora eval` without --tasks
+MMLU_SUBJECTS_SHARE = 20  # MMLU's limit is per subject (57 of them): limit // 20 per subject gives ~limit items
 
 
 @dataclass(frozen=True)
@@ -74,6 +79,11 @@ def get_task(name: str) -> TaskInfo:
     known = [n for n in TASKS if not n.startswith("mmlu_")] + ["mmlu_<subject>"]
     raise MultiLoRAError(f"unknown task {name!r}; {hint}known tasks: {', '.join(known)} "
                          "(`multilora tasks` lists the MMLU subjects)")
+
+
+def eval_limit(task: str, limit: int) -> int:
+    """The `evaluate` limit that gives `task` about `limit` items (MMLU's limit counts per subject)."""
+    return max(1, limit // MMLU_SUBJECTS_SHARE) if task == "mmlu" else limit
 
 
 def load_examples(name: str, split: str | None = None, root: str | Path | None = None,
