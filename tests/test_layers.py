@@ -13,7 +13,7 @@ from multilora import MultiLoRAError, MultiLoRALinear
 
 
 def loop_reference(x, W, b, A, B, s, alpha, r):
-    """MULTILORA.md §2 written the slow, obvious way: y = W x + b + alpha/r * sum_i s_i * B_i A_i x."""
+    """docs/method.md §2 written the slow, obvious way: y = W x + b + alpha/r * sum_i s_i * B_i A_i x."""
     y = x @ W.T + b
     for i in range(A.shape[0]):
         si = torch.ones(B.shape[1]) if s is None else (s[i] if s.dim() == 2 else s[i].expand(B.shape[1]))
@@ -61,7 +61,7 @@ def test_parameter_names_and_shapes():
     assert tuple(make_layer(n=3, r=4, scale="scalar").lora_s.shape) == (3,)
     lora = make_layer(n=1, r=4, init="lora", scale="none")
     assert lora.lora_s is None and "lora_s" not in dict(lora.named_parameters())
-    # trainable parameters per layer: n r (d_in + d_out) + n d_out  (MULTILORA.md §2)
+    # trainable parameters per layer: n r (d_in + d_out) + n d_out  (docs/method.md §2)
     n_params = sum(p.numel() for k, p in layer.named_parameters() if k.startswith("lora_"))
     assert n_params == 3 * 4 * (20 + 12) + 3 * 12
 

@@ -18,14 +18,14 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .errors import MultiLoRAError
-from .layers import MultiLoRALinear, check_options
+from .layers import MultiLoRALinear, OptionProblem, describe_problem, option_problems
 
 ADAPTER_PARAMS = ("lora_A", "lora_B", "lora_s")
 
 
 @dataclass
 class MultiLoRAConfig:
-    """Adapter options (MULTILORA.md §2) and the modules they go into.
+    """Adapter options (docs/method.md §2) and the modules they go into.
 
     targets: a list of module-name suffixes (`["q_proj", "v_proj"]`), a regular expression
     matched against the full module path (`r".*\\.(q|v)_proj"`), or `"all-linear"` (every
@@ -42,15 +42,29 @@ class MultiLoRAConfig:
     targets: list[str] | str = field(default_factory=lambda: ["q_proj", "v_proj"])
 
     def __post_init__(self) -> None:
-        check_options(n=self.n, r=self.r, alpha=self.alpha, dropout=self.dropout, init=self.init, scale=self.scale,
-                      scale_init=self.scale_init)
         if isinstance(self.targets, tuple):
             self.targets = list(self.targets)
-        if not (isinstance(self.targets, str) or (isinstance(self.targets, list) and self.targets
-                                                   and all(isinstance(t, str) and t for t in self.targets))):
-            raise MultiLoRAError(
-                f"targets must be a non-empty list of module-name suffixes, a regex string or 'all-linear', got {self.targets!r}"
-            )
+        problems = self.problems()
+        if problems:
+            values = asdict(self)
+            raise MultiLoRAError("invalid adapter options: " + "; ".join(describe_problem(p, values[p.key])
+                                                                           for p in problems))
+
+    def problems(self) -> list[OptionProblem]:
+        """Every invalid option (layers.option_problems, plus the targets); empty when the config is valid."""
+        p = option_problems(**self.layer_options())
+        t = self.targets
+        if not ((isinstance(t, str) and t) or (isinstance(t, (list, tuple)) and t
+                                               and all(isinstance(x, str) and x for x in t))):
+            p.append(OptionProblem("targets", "must be a non-empty list of module-name suffixes (e.g. [q_proj, "
+                                              "v_proj]), a regex string or 'all-linear'"))
+        elif isinstance(t, str) and t != "all-linear":
+            try:
+                re.compile(t)
+            except re.error as e:
+                p.append(OptionProblem("targets", f"must be a valid regular expression ({e}) or a list of module "
+                                                  "suffixes (e.g. [q_proj, v_proj])"))
+        return p
 
     @classmethod
     def lora(cls, r: int = 8, alpha: float = 16.0, dropout: float = 0.0,

@@ -1,8 +1,8 @@
 """The MultiLoRA linear layer: n parallel LoRA modules with learnable scales, run fused.
 
-    y = W0 x + b + (alpha / r) * sum_i s_i * (B_i A_i dropout(x))          (MULTILORA.md §2)
+    y = W0 x + b + (alpha / r) * sum_i s_i * (B_i A_i dropout(x))          (docs/method.md §2)
 
-computed as one rank-(n r) low-rank path (MULTILORA.md §3):
+computed as one rank-(n r) low-rank path (docs/method.md §3):
 
     A_cat = [A_1; ...; A_n]                              # (n r, d_in)
     B_s   = (alpha / r) [s_1 * B_1, ..., s_n * B_n]      # (d_out, n r), s_i scales rows of B_i
@@ -16,7 +16,7 @@ layer with n = 1, B = 0 at init and no scales (`scale="none"`).
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -86,7 +86,7 @@ class MultiLoRALinear(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Initialise per MULTILORA.md §2: A (and B for `multilora`) Kaiming-uniform, s = `scale_init`.
+        """Initialise per docs/method.md §2: A (and B for `multilora`) Kaiming-uniform, s = `scale_init`.
 
         dW = 0 at step 0 holds for `init="lora"` (B = 0) whatever s is, and for `init="multilora"`
         only with `scale_init = 0` (the default); a non-zero value there starts the model away from the base.
@@ -175,28 +175,52 @@ def default_scale_init(init: str) -> float:
     return 0.0 if init == "multilora" else 1.0
 
 
+class OptionProblem(NamedTuple):
+    """One invalid adapter option: its name, what it must be, and the allowed values of a choice."""
+
+    key: str
+    requirement: str  # "must be ..." reads after "<key> = <value>"; anything else is the whole message
+    choices: tuple[str, ...] = ()
+
+
+def option_problems(*, n: int, r: int, alpha: float, dropout: float, init: str, scale: str,
+                    scale_init: float | None = None) -> list[OptionProblem]:
+    """Every invalid layer option (empty when all are valid): the one set of rules for the layer and the configs."""
+    p = []
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        p.append(OptionProblem("n", "must be an integer >= 1"))
+    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+        p.append(OptionProblem("r", "must be an integer >= 1"))
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha) or alpha <= 0:
+        p.append(OptionProblem("alpha", "must be a positive number"))
+    if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+        p.append(OptionProblem("dropout", "must be in [0, 1)"))
+    if init not in INITS:
+        p.append(OptionProblem("init", f"must be one of {', '.join(INITS)}", INITS))
+    if scale not in SCALES:
+        p.append(OptionProblem("scale", f"must be one of {', '.join(SCALES)}", SCALES))
+    elif scale == "none" and init != "lora":
+        p.append(OptionProblem("scale", "scale='none' needs init='lora' (without scales, a random B would make dW != 0 at step 0)"))
+    if scale_init is not None:
+        if not isinstance(scale_init, (int, float)) or isinstance(scale_init, bool) or not math.isfinite(scale_init):
+            p.append(OptionProblem("scale_init", "must be a finite number (or None/null for the init's default)"))
+        elif scale == "none":
+            p.append(OptionProblem("scale_init", "scale_init is set but scale='none' has no scales; drop scale_init or use a scale"))
+    return p
+
+
+def describe_problem(problem: OptionProblem, value: Any) -> str:
+    """'<key> <requirement>, got <value>' (the layer's wording)."""
+    if problem.requirement.startswith("must"):
+        return f"{problem.key} {problem.requirement}, got {value!r}"
+    return problem.requirement
+
+
 def check_options(*, n: int, r: int, alpha: float, dropout: float, init: str, scale: str,
                   scale_init: float | None = None) -> None:
     """Raise MultiLoRAError naming every invalid layer option."""
-    problems = []
-    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-        problems.append(f"n must be an integer >= 1, got {n!r}")
-    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
-        problems.append(f"r must be an integer >= 1, got {r!r}")
-    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha) or alpha <= 0:
-        problems.append(f"alpha must be a positive number, got {alpha!r}")
-    if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
-        problems.append(f"dropout must be in [0, 1), got {dropout!r}")
-    if init not in INITS:
-        problems.append(f"init must be one of {', '.join(INITS)}, got {init!r}")
-    if scale not in SCALES:
-        problems.append(f"scale must be one of {', '.join(SCALES)}, got {scale!r}")
-    elif scale == "none" and init != "lora":
-        problems.append("scale='none' needs init='lora' (without scales, a random B would make dW != 0 at step 0)")
-    if scale_init is not None:
-        if not isinstance(scale_init, (int, float)) or isinstance(scale_init, bool) or not math.isfinite(scale_init):
-            problems.append(f"scale_init must be a finite number or None, got {scale_init!r}")
-        elif scale == "none":
-            problems.append("scale_init is set but scale='none' has no scales; drop scale_init or use a scale")
+    values = dict(n=n, r=r, alpha=alpha, dropout=dropout, init=init, scale=scale, scale_init=scale_init)
+    problems = option_problems(**values)
     if problems:
-        raise MultiLoRAError("invalid adapter options: " + "; ".join(problems))
+        raise MultiLoRAError("invalid adapter options: " + "; ".join(describe_problem(p, values[p.key])
+                                                                       for p in problems))
