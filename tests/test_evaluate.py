@@ -96,7 +96,7 @@ def test_fast_scorer_matches_slow_path(family, chat, tokenizer, items):
 
 
 def test_scorer_sees_the_token_boundary_training_sees(tokenizer, items):
-    from multilora.evaluate import _plan
+    from multilora.scoring import _plan
 
     for item in items:
         trained = tokenize_example(item.example(), tokenizer, max_len=4096)["input_ids"]  # prompt + gold + EOS

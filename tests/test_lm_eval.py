@@ -71,7 +71,8 @@ def test_lm_eval_on_exported_peft_adapter_matches_multilora_eval(tmp_path):
     from lm_eval.tasks import TaskManager
 
     import multilora as ml
-    from multilora.evaluate import _items, evaluate, score_choices
+    from multilora.evaluate import evaluate, score_choices
+    from multilora.tasks import eval_items
     from multilora.export import export_peft
     from multilora.models import embedded_tokenizer, tiny_model
 
@@ -94,7 +95,7 @@ def test_lm_eval_on_exported_peft_adapter_matches_multilora_eval(tmp_path):
 
     # `multilora eval` (the Python side of it) on the first N_ITEMS RTE validation items
     ours = evaluate(model, tokenizer, ["rte"], limit=N_ITEMS, save_items=True)["tasks"]["rte"]
-    items, scores = _items("rte", 0, N_ITEMS, None), ours["items"]
+    items, scores = eval_items("rte", 0, N_ITEMS), ours["items"]
     assert len(items) == len(scores) == ours["n"] == N_ITEMS
     assert [s["gold"] for s in scores] == [it.gold for it in items]
     assert len({s["pred"] for s in scores}) == 2  # the adapter makes a non-constant model: acc means something

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from multilora.data import data_root, demo_mixture
+from multilora.data import data_root
 from multilora.errors import MultiLoRAError
-from multilora.tasks import (TASKS, alpaca, get_task, list_tasks, load_custom, load_custom_items,
-                             load_examples, load_items, mmlu, superglue)
+from multilora.tasks import (DEFAULT_EVAL_TASKS, PAPER_MIXTURE, TASKS, alpaca, eval_items, eval_limit, get_task,
+                             list_tasks, load_custom, load_custom_items, load_examples, load_items, mmlu, superglue)
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -154,7 +154,35 @@ def test_registry_lists_every_task_with_rows_and_sources():
     assert rows["rte"]["rows"] == {"train": 2490, "val": 277}
     assert rows["boolq"]["source"] == "superglue/BoolQ/val.jsonl" and "20% val" in rows["boolq"]["note"]
     assert len(list_tasks(root=DATA, subjects=True)) == len(rows) + 57
-    assert all(name in TASKS for name in demo_mixture())
+    assert all(name in TASKS for name in PAPER_MIXTURE + DEFAULT_EVAL_TASKS)
+
+
+def test_each_task_declares_what_its_eval_limit_counts():
+    rte = eval_items("rte", limit=3, root=DATA)
+    assert rte == load_items("rte", root=DATA)[:3]  # items
+    multirc = eval_items("multirc", limit=2, root=DATA)  # whole questions, every answer of each
+    groups = list(dict.fromkeys(it.group for it in load_items("multirc", root=DATA)))[:2]
+    assert {it.group for it in multirc} == set(groups) and len(multirc) > 2
+    assert multirc == [it for it in load_items("multirc", root=DATA) if it.group in groups]
+    per_subject = eval_items("mmlu", shots=1, limit=2, root=DATA)  # per subject, k-shot
+    assert len(per_subject) == 2 * len(mmlu.SUBJECTS)
+    assert per_subject[:2] == load_items("mmlu_abstract_algebra", root=DATA, k=1)[:2]
+    assert per_subject[-1].prompt.count("Answer:") == 2
+    assert eval_items("rte", shots=3, root=DATA) == load_items("rte", root=DATA)  # shots are MMLU's only
+    assert eval_limit("mmlu", 100) == 5 and eval_limit("mmlu", 3) == 1 and eval_limit("rte", 100) == 100
+    assert [name for name, info in TASKS.items() if info.few_shot and not name.startswith("mmlu_")] == ["mmlu"]
+
+
+def test_each_task_declares_its_metrics():
+    def score(gold, pred, group=None, task="x"):
+        return {"gold": gold, "pred": pred, "pred_norm": pred, "ll": [0.0, 0.0], "group": group, "task": task}
+
+    scores = [score(1, 1, "q1"), score(0, 1, "q1"), score(1, 1, "q2")]
+    assert set(get_task("rte").metrics(scores)) == {"acc", "acc_norm", "chance", "n"}
+    multirc = get_task("multirc").metrics(scores)
+    assert multirc["acc"] == pytest.approx(2 / 3) and multirc["em"] == 0.5 and multirc["f1a_norm"] == multirc["f1a"]
+    subjects = [score(0, 0, task="mmlu_anatomy"), score(0, 1, task="mmlu_astronomy")]
+    assert set(get_task("mmlu").metrics(subjects)["subjects"]) == {"anatomy", "astronomy"}
 
 
 def test_unknown_task_lists_known_names_and_suggests():

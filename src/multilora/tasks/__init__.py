@@ -2,26 +2,31 @@
 
     load_examples("rte")          # training examples of the task's train split
     load_items("mmlu", k=5)       # evaluation items of its eval split, 5-shot
+    eval_items("mmlu", shots=5, limit=2)   # what `evaluate` scores: 2 per subject, 5-shot
+    get_task("multirc").metrics(scores)    # the task's metrics of its item scores
     list_tasks()                  # name, rows per split, source (for `multilora tasks`)
 
 Loaders take the split and `root` (the data folder; default `multilora.data.data_root()`).
+Each task also owns its evaluation rules: its metrics, what an evaluation `limit` counts (items,
+MultiRC questions, items per MMLU subject) and whether it takes k-shot prompts.
 """
 
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from ..data import Example, MCItem, data_root
 from ..errors import MultiLoRAError
 from . import alpaca, mmlu, superglue
 from .custom import load_custom, load_custom_items
+from .metrics import accuracy, mmlu_metrics, multirc
 
-__all__ = ["TASKS", "TaskInfo", "PAPER_MIXTURE", "DEFAULT_EVAL_TASKS", "get_task", "eval_limit", "list_tasks",
-           "load_examples", "load_items", "load_custom", "load_custom_items"]
+__all__ = ["TASKS", "TaskInfo", "PAPER_MIXTURE", "DEFAULT_EVAL_TASKS", "MMLU_SUBJECTS_SHARE", "get_task",
+           "eval_limit", "eval_items", "list_tasks", "load_examples", "load_items", "load_custom", "load_custom_items"]
 
 # The paper's mixture: instruction following, world knowledge (MMLU trains on val, evaluates on test), NLU
 PAPER_MIXTURE = ("alpaca", "mmlu", "boolq", "rte", "wic")
@@ -29,9 +34,20 @@ DEFAULT_EVAL_TASKS = ("mmlu", "boolq", "rte", "wic")  # `multilora eval` without
 MMLU_SUBJECTS_SHARE = 20  # MMLU's limit is per subject (57 of them): limit // 20 per subject gives ~limit items
 
 
+def first_items(items: list[MCItem], limit: int) -> list[MCItem]:
+    """`limit` counts items: the first `limit`."""
+    return items[:limit]
+
+
+def first_questions(items: list[MCItem], limit: int) -> list[MCItem]:
+    """`limit` counts questions (item groups): every item of the first `limit`, so exact match stays meaningful."""
+    keep = set(list(dict.fromkeys(it.group for it in items))[:limit])
+    return [it for it in items if it.group in keep]
+
+
 @dataclass(frozen=True)
 class TaskInfo:
-    """What the registry knows about a task: its splits, where it comes from, how to load it."""
+    """What the registry knows about a task: its splits, where it comes from, how to load and evaluate it."""
 
     name: str
     family: str  # "instruction", "knowledge" or "nlu" (the paper's three groups)
@@ -42,6 +58,11 @@ class TaskInfo:
     examples: Callable[..., list[Example]] = field(repr=False)  # (split, root=None, **options)
     items: Callable[..., list[MCItem]] | None = field(repr=False)  # None: evaluated by perplexity
     note: str = ""
+    metrics: Callable[[Sequence[dict]], dict] = field(default=accuracy, repr=False)  # item scores -> metrics
+    limit_rule: Callable[[list[MCItem], int], list[MCItem]] = field(default=first_items, repr=False)
+    limit_share: int = 1  # eval_limit: `limit // limit_share` (per part) gives about `limit` items in all
+    few_shot: bool = False  # its items take k solved examples first (`shots`)
+    parts: tuple[str, ...] = ()  # evaluated as these tasks, each limited on its own, scored together
 
 
 def _registry() -> dict[str, TaskInfo]:
@@ -50,18 +71,22 @@ def _registry() -> dict[str, TaskInfo]:
         f"split by prompt hash: {alpaca.VAL_PERCENT}% val; evaluated by response perplexity")}
     mmlu_note = "train on val (0-shot), evaluate on test; k-shot prompts from dev"
     tasks["mmlu"] = TaskInfo("mmlu", "knowledge", mmlu.SPLITS, "val", "test", "mmlu/<split>/*.csv",
-                             mmlu.examples, mmlu.items, mmlu_note)
+                             mmlu.examples, mmlu.items, mmlu_note, metrics=mmlu_metrics,
+                             limit_share=MMLU_SUBJECTS_SHARE, few_shot=True,
+                             parts=tuple(f"mmlu_{s}" for s in mmlu.SUBJECTS))  # `limit` counts per subject
     for subject in mmlu.SUBJECTS:
         name = f"mmlu_{subject}"
         tasks[name] = TaskInfo(name, "knowledge", mmlu.SPLITS, "val", "test",
                                f"mmlu/<split>/{subject}_<split>.csv", partial(mmlu.examples, subject=subject),
-                               partial(mmlu.items, subject=subject), mmlu_note)
+                               partial(mmlu.items, subject=subject), mmlu_note, few_shot=True)
     for name in superglue.TASKS:
         note = (f"split from val.jsonl by passage hash: {superglue.BOOLQ_VAL_PERCENT}% val"
                 if name == "boolq" else "val is the SuperGLUE validation set")
         tasks[name] = TaskInfo(name, "nlu", superglue.SPLITS, "train", "val",
                                superglue.source(name, "<split>"), partial(superglue.examples, name),
                                partial(superglue.items, name), note)
+    # MultiRC: one item per answer; `limit` counts whole questions, metrics add F1a and exact match
+    tasks["multirc"] = replace(tasks["multirc"], metrics=multirc, limit_rule=first_questions)
     return tasks
 
 
@@ -83,7 +108,17 @@ def get_task(name: str) -> TaskInfo:
 
 def eval_limit(task: str, limit: int) -> int:
     """The `evaluate` limit that gives `task` about `limit` items (MMLU's limit counts per subject)."""
-    return max(1, limit // MMLU_SUBJECTS_SHARE) if task == "mmlu" else limit
+    share = get_task(task).limit_share
+    return max(1, limit // share) if share > 1 else limit
+
+
+def eval_items(name: str, shots: int = 0, limit: int | None = None, root: str | Path | None = None) -> list[MCItem]:
+    """The items `evaluate` scores: the eval split (k-shot for tasks that take it), cut by the task's limit rule."""
+    info = get_task(name)
+    if info.parts:
+        return [it for part in info.parts for it in eval_items(part, shots, limit, root)]
+    items = load_items(name, root=root, **({"k": shots} if info.few_shot else {}))
+    return items if limit is None else info.limit_rule(items, limit)
 
 
 def load_examples(name: str, split: str | None = None, root: str | Path | None = None,

@@ -39,6 +39,33 @@ SUBJECTS = (
 )
 MAX_SHOTS = 5  # the dev split holds 5 questions per subject
 
+# Hendrycks et al.'s subject -> category mapping (their categories.py, subcategories folded in).
+CATEGORY_SUBJECTS = {
+    "STEM": (
+        "abstract_algebra", "astronomy", "college_biology", "college_chemistry", "college_computer_science",
+        "college_mathematics", "college_physics", "computer_security", "conceptual_physics",
+        "electrical_engineering", "elementary_mathematics", "high_school_biology", "high_school_chemistry",
+        "high_school_computer_science", "high_school_mathematics", "high_school_physics",
+        "high_school_statistics", "machine_learning",
+    ),
+    "humanities": (
+        "formal_logic", "high_school_european_history", "high_school_us_history", "high_school_world_history",
+        "international_law", "jurisprudence", "logical_fallacies", "moral_disputes", "moral_scenarios",
+        "philosophy", "prehistory", "professional_law", "world_religions",
+    ),
+    "social sciences": (
+        "econometrics", "high_school_geography", "high_school_government_and_politics",
+        "high_school_macroeconomics", "high_school_microeconomics", "high_school_psychology", "human_sexuality",
+        "professional_psychology", "public_relations", "security_studies", "sociology", "us_foreign_policy",
+    ),
+    "other": (
+        "anatomy", "business_ethics", "clinical_knowledge", "college_medicine", "global_facts", "human_aging",
+        "management", "marketing", "medical_genetics", "miscellaneous", "nutrition", "professional_accounting",
+        "professional_medicine", "virology",
+    ),
+}
+CATEGORY: dict[str, str] = {s: cat for cat, subjects in CATEGORY_SUBJECTS.items() for s in subjects}
+
 
 def question_text(row: dict) -> str:
     """One question with its options, ending in "Answer:" (no answer)."""

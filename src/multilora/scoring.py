@@ -1,0 +1,255 @@
+"""Scoring a model: multiple choice by log-likelihood, response perplexity, greedy generations, progress.
+
+Multiple choice (MULTILORA.md §7). For a prompt p and a choice c = (c_1 .. c_m) (tokenized
+separately, as in training):
+
+    ll(c)      = sum_k log P(c_k | p, c_<k)          the choice's log-likelihood  -> `acc`
+    ll_norm(c) = ll(c) / m                           per-token mean               -> `acc_norm`
+
+The fast scorer feeds, per question, the rows p + c_j[:-1] (the last choice token is never an
+input), dropping any row that is a prefix of another: choices that are one token (MMLU's " A" ..
+" D", yes/no) share the single row p. Rows of several questions are right-padded into one batch
+(padding comes after every real token, so causal attention never sees it and positions are
+unchanged), and the LM head runs only at the positions that predict choice tokens
+(`loss.logits_at`).
+
+Perplexity: the summed loss of the response tokens (+ EOS) of held-out examples, prompt tokens
+carrying no loss, as in training (`loss.token_losses`).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from typing import Any, Sequence
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from torch import nn
+
+from .data import Example, MCItem, collate, encode_prompt, tokenize_example
+from .errors import MultiLoRAError
+from .loss import logits_at, token_losses
+
+PROGRESS_EVERY_S = 10.0  # without a terminal: a plain progress line at most this often
+
+
+def max_length(model: nn.Module, cap: int = 4096) -> int:
+    """The longest sequence the model takes (its position limit), capped at `cap`."""
+    cfg = getattr(model, "config", None)
+    limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or cap
+    return int(min(limit, cap))
+
+
+def pad_id(tokenizer: Any) -> int:
+    """The id used for right padding (never attended to, never scored)."""
+    for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
+        if tid is not None:
+            return int(tid)
+    return 0
+
+
+# ----------------------------------------------------------------------------- progress
+
+
+class EvalProgress:
+    """Progress of one scoring loop on stderr: a rich bar on a terminal, else a plain line every ~10 s.
+
+        with EvalProgress(570, "mmlu", "items", enabled=True) as bar:
+            bar.advance(8)          # -> "eval mmlu: 120/570 items, 41 s" (no terminal)
+
+    Without a terminal (a log file) a line is printed when `PROGRESS_EVERY_S` have passed since the
+    last one, and once at the end. `clock` is for tests.
+    """
+
+    def __init__(self, total: int, label: str, unit: str, enabled: bool, clock: Any = time.monotonic) -> None:
+        self.total, self.label, self.unit, self.enabled, self.clock = total, label, unit, enabled, clock
+        self.stream = sys.stderr
+        self.done = 0
+        self.bar: Progress | None = None
+
+    def __enter__(self) -> EvalProgress:
+        if not self.enabled:
+            return self
+        self.started = self.last = self.clock()
+        if self.stream.isatty():
+            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                TimeRemainingColumn(), console=Console(stderr=True), transient=True)
+            self.bar.add_task(self.label, total=self.total)
+            self.bar.start()
+        return self
+
+    def advance(self, n: int) -> None:
+        """`n` more items are done."""
+        self.done += n
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.advance(self.bar.task_ids[0], n)
+        elif self.clock() - self.last >= PROGRESS_EVERY_S:
+            self._line()
+
+    def __exit__(self, exc_type: Any, *_: Any) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+        elif self.enabled and exc_type is None:
+            self._line()
+
+    def _line(self) -> None:
+        self.last = self.clock()
+        print(f"eval {self.label}: {self.done}/{self.total} {self.unit}, {self.last - self.started:.0f} s",
+              file=self.stream, flush=True)
+
+
+# ----------------------------------------------------------------------------- multiple choice
+
+
+def _plan(item: MCItem, tokenizer: Any, chat: bool, max_len: int, bos: int | None) -> dict:
+    """Token rows for one question: the inputs to run and, per choice, its row, first position and tokens."""
+    if not item.choices:
+        raise MultiLoRAError(f"task {item.task!r}: an item has no choices; every item needs at least one")
+    prompt = encode_prompt(item.prompt, tokenizer, chat)
+    choices = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in item.choices]
+    empty = [item.choices[j] for j, c in enumerate(choices) if not c]
+    if empty or not prompt:
+        raise MultiLoRAError(f"task {item.task!r}: choice {empty[0]!r} has no tokens; choices need text"
+                             if empty else f"task {item.task!r}: empty prompt; every item needs prompt text")
+    keep_bos = 1 if bos is not None and prompt[:1] == [bos] else 0
+    longest = max(len(c) for c in choices)
+    over = len(prompt) + longest - 1 - max_len
+    if over > 0:  # drop the oldest prompt tokens (after BOS), as training does
+        if len(prompt) - over < keep_bos + 1:
+            raise MultiLoRAError(f"task {item.task!r}: a choice has {longest} tokens, more than the model's "
+                                 f"{max_len} positions allow; shorten the choices")
+        prompt = prompt[:keep_bos] + prompt[keep_bos + over:]
+    rows: list[list[int]] = []
+    where: list[int] = [0] * len(choices)
+    for j in sorted(range(len(choices)), key=lambda j: -len(choices[j])):  # longest first: prefixes reuse rows
+        ids = prompt + choices[j][:-1]
+        for r, row in enumerate(rows):
+            if row[: len(ids)] == ids:
+                where[j] = r
+                break
+        else:
+            rows.append(ids)
+            where[j] = len(rows) - 1
+    return {"rows": rows, "start": len(prompt) - 1, "choice_row": where, "choices": choices}
+
+
+def _batch_inputs(plans: list[dict], batch: list[int], pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """input_ids (R, T), attention_mask (R, T) and the scored positions (R, P) of the rows of `batch`'s questions."""
+    rows = [(i, row) for i in batch for row in plans[i]["rows"]]  # R rows
+    width = max(len(row) for _, row in rows)
+    # each row is scored from its question's last prompt token to its own last token
+    spans = [len(row) - plans[i]["start"] for i, row in rows]
+    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)        # (R, T)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)       # (R, T)
+    positions = torch.zeros((len(rows), max(spans)), dtype=torch.long)       # (R, P)
+    for r, (i, row) in enumerate(rows):
+        input_ids[r, : len(row)] = torch.tensor(row)
+        attention_mask[r, : len(row)] = 1
+        span = torch.arange(plans[i]["start"], len(row))
+        positions[r] = torch.cat([span, span[-1:].expand(positions.shape[1] - len(span))])
+    return input_ids, attention_mask, positions
+
+
+def score_choices(model: nn.Module, tokenizer: Any, items: Sequence[MCItem], batch_size: int = 8,
+                  chat: bool = False, progress: bool = False, label: str | None = None) -> list[dict]:
+    """Per item (in order): ll and ll_norm per choice, pred and pred_norm (argmax), gold, n_tokens, task, group.
+
+    `batch_size` is the number of questions per forward pass (each brings its rows, see the module
+    docstring); results do not depend on it beyond float rounding. `progress` shows progress on
+    stderr under `label` (default: the first item's task).
+    """
+    if not (isinstance(batch_size, int) and batch_size >= 1):
+        raise MultiLoRAError(f"batch size must be a positive integer, got {batch_size!r}")
+    if not items:
+        return []
+    max_len = max_length(model)
+    bos = tokenizer.bos_token_id
+    plans = [_plan(item, tokenizer, chat, max_len, bos) for item in items]
+    order = sorted(range(len(plans)), key=lambda i: -max(len(r) for r in plans[i]["rows"]))  # less padding
+    device = next(model.parameters()).device
+    pad = pad_id(tokenizer)
+    out: list[dict | None] = [None] * len(items)
+    was_training = model.training
+    model.eval()
+    try:
+        with EvalProgress(len(items), label or items[0].task, "items", progress) as bar, torch.inference_mode():
+            for b0 in range(0, len(order), batch_size):
+                batch = order[b0:b0 + batch_size]
+                input_ids, attention_mask, positions = _batch_inputs(plans, batch, pad)
+                logits = logits_at(model, input_ids.to(device), attention_mask.to(device),
+                                   positions.to(device))                                 # (R, P, V)
+                logp = torch.log_softmax(logits.float(), dim=-1).cpu()                   # (R, P, V)
+                first_row = 0
+                for i in batch:
+                    plan, item = plans[i], items[i]
+                    ll = []
+                    for j, tokens in enumerate(plan["choices"]):
+                        r = first_row + plan["choice_row"][j]
+                        picked = logp[r, torch.arange(len(tokens)), torch.tensor(tokens)]  # (m,)
+                        ll.append(float(picked.double().sum()))
+                    first_row += len(plan["rows"])
+                    n_tokens = [len(t) for t in plan["choices"]]
+                    ll_norm = [v / n for v, n in zip(ll, n_tokens)]
+                    out[i] = {"task": item.task, "group": item.group, "gold": item.gold, "ll": ll,
+                              "ll_norm": ll_norm, "n_tokens": n_tokens,
+                              "pred": max(range(len(ll)), key=ll.__getitem__),
+                              "pred_norm": max(range(len(ll_norm)), key=ll_norm.__getitem__)}
+                bar.advance(len(batch))
+    finally:
+        model.train(was_training)
+    return out  # type: ignore[return-value]
+
+
+# ----------------------------------------------------------------------------- perplexity and generation
+
+
+def response_nll(model: nn.Module, tokenizer: Any, examples: Sequence[Example], batch_size: int = 8,
+                 chat: bool = False, progress: bool = False, label: str | None = None) -> dict:
+    """Summed negative log-likelihood of the response tokens (+ EOS) of `examples`, their count and perplexity."""
+    max_len = max_length(model, cap=2048)
+    rows = [tokenize_example(ex, tokenizer, max_len, chat) for ex in examples]
+    order = sorted(range(len(rows)), key=lambda i: -len(rows[i]["input_ids"]))
+    device = next(model.parameters()).device
+    nll, count = 0.0, 0
+    was_training = model.training
+    model.eval()
+    try:
+        bar = EvalProgress(len(rows), f"{label or rows[0]['task']} perplexity", "examples", progress)
+        with bar, torch.inference_mode():
+            for b0 in range(0, len(order), batch_size):
+                chunk = [rows[i] for i in order[b0:b0 + batch_size]]
+                tasks = sorted({row["task"] for row in chunk})
+                batch = {k: v.to(device) for k, v in collate(chunk, pad_id(tokenizer), tasks, multiple_of=1).items()}
+                sums, counts = token_losses(model, batch, len(tasks))  # (n_tasks,) each
+                nll += float(sums.double().sum())
+                count += int(counts.sum())
+                bar.advance(len(chunk))
+    finally:
+        model.train(was_training)
+    return {"nll": nll, "tokens": count, "nll_per_token": nll / max(count, 1),
+            "perplexity": math.exp(nll / count) if count else float("nan")}
+
+
+def generate_samples(model: nn.Module, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int = 64,
+                     chat: bool = False) -> list[dict]:
+    """Greedy continuations of `prompts` (one at a time, no padding): [{"prompt", "output"}]."""
+    device = next(model.parameters()).device
+    pad = pad_id(tokenizer)
+    out = []
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for prompt in prompts:
+                ids = torch.tensor([encode_prompt(prompt, tokenizer, chat)], device=device)  # (1, T)
+                new = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                     max_new_tokens=max_new_tokens, pad_token_id=pad)[0, ids.shape[1]:]
+                out.append({"prompt": prompt, "output": tokenizer.decode(new, skip_special_tokens=True)})
+    finally:
+        model.train(was_training)
+    return out
