@@ -109,6 +109,18 @@ def test_no_room_for_the_response(tok):
         tokenize_example(Example("x", "", " yes"), tok, max_len=64)
 
 
+def test_truncate_cuts_a_too_long_response_keeping_up_to_half_the_window_of_prompt(tok):
+    """Training's cut (truncate=True): the row starts at most max_len // 2 tokens before the response."""
+    ex = Example("t", "0123456789", " abcdefgh")  # 10 prompt tokens, response + EOS = 10
+    with pytest.raises(MultiLoRAError, match="the response needs 10 tokens"):
+        tokenize_example(ex, tok, max_len=8)
+    out = tokenize_example(ex, tok, max_len=8, truncate=True)  # 4 prompt tokens, then the response's first 4
+    assert out == {"input_ids": ids("6789 abc"), "labels": [IGNORE] * 4 + ids(" abc"), "task": "t"}
+    short = tokenize_example(Example("t", "01", " abcdefgh"), tok, max_len=8, truncate=True)  # all of a short prompt
+    assert short["input_ids"] == ids("01 abcde") and short["labels"] == [IGNORE] * 2 + ids(" abcde")
+    assert tokenize_example(ex, tok, max_len=64, truncate=True) == tokenize_example(ex, tok, max_len=64)  # fits
+
+
 def test_bos_is_added_once_and_kept_when_truncating():
     tok = byte_tokenizer(add_bos=True)
     ex = Example("t", "0123456789", " yes")

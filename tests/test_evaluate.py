@@ -10,9 +10,12 @@ import math
 
 import pytest
 import torch
+from rich.console import Console
 
 import multilora as ml
 from conftest import randomize_adapters
+from multilora import scoring
+from multilora.cli import main as cli_main
 from multilora.data import MCItem, encode_prompt, tokenize_example
 from multilora.evaluate import (
     MMLU_CATEGORY,
@@ -25,8 +28,10 @@ from multilora.evaluate import (
     max_length,
     mmlu_metrics,
     multirc_metrics,
+    read_result,
     resolve_target,
     response_nll,
+    result_table,
     run_eval_cli,
     score_choices,
     summary_rows,
@@ -361,3 +366,43 @@ def test_embedded_model_mmlu_5_shot_is_reproducible():
     for f, g in zip(first, again):  # float32 over ~800 tokens: relative 1e-5
         assert all(abs(a - b) <= 1e-5 * max(1.0, abs(a)) for a, b in zip(f["ll"], g["ll"]))
     assert all(-30 < v < 0 for s in first for v in s["ll"])  # a real model: letters are plausible tokens
+
+
+def test_compare_reads_the_demos_older_eval_json_without_settings(tmp_path, tokenizer, capsys):
+    """The demo wrote {"tasks", "identity", "limit"} (no "settings"); --compare refused it (regression)."""
+    model = tiny("llama")
+    for name in ("lora-seed0", "multilora-seed0"):
+        result = evaluate(model, tokenizer, ["rte", "mmlu_anatomy", "alpaca"], limit=2)
+        (tmp_path / name).mkdir()
+        demo_file = {"tasks": result["tasks"], "identity": {"target": name}, "limit": 2}
+        (tmp_path / name / "eval.json").write_text(json.dumps(demo_file))
+    code = cli_main(["eval", "--compare", str(tmp_path / "lora-seed0"), str(tmp_path / "multilora-seed0")])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "lora-seed0" in captured.out and "multilora-seed0" in captured.out and "perplexity" in captured.out
+    assert "mmlu_anatomy" in captured.out
+    console = Console(record=True, width=200)
+    console.print(result_table(read_result(tmp_path / "lora-seed0")))  # the title's shots come from the task
+    assert "(0-shot MMLU)" in console.export_text()
+
+
+def test_progress_without_a_terminal_prints_plain_lines(capsys):
+    """A log file saw nothing of a 217 s MMLU eval: without a terminal, progress is a line every ~10 s (regression)."""
+    clock = iter(range(0, 100, 4))  # 4 s per call: started 0, then 4, 8, 12 (a line), 16, 20, 24 (a line), ...
+    with scoring.EvalProgress(570, "mmlu", "items", enabled=True, clock=lambda: next(clock)) as bar:
+        for _ in range(6):
+            bar.advance(20)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == ["eval mmlu: 60/570 items, 12 s", "eval mmlu: 120/570 items, 24 s", "eval mmlu: 120/570 items, 28 s"]
+    with scoring.EvalProgress(5, "rte", "items", enabled=False) as bar:
+        bar.advance(5)
+    assert capsys.readouterr().err == ""
+
+
+def test_evaluate_with_progress_logs_each_task_to_stderr_when_not_a_terminal(tokenizer, capsys, monkeypatch):
+    monkeypatch.setattr(scoring, "PROGRESS_EVERY_S", 0.0)  # a line per batch
+    evaluate(tiny("llama"), tokenizer, ["rte", "mmlu", "alpaca"], limit=1, batch_size=2, progress=True)
+    err = capsys.readouterr().err
+    assert "eval rte: 1/1 items" in err and "eval alpaca perplexity: 1/1 examples" in err
+    n = len(SUBJECTS)
+    assert f"eval mmlu: 2/{n} items" in err and f"eval mmlu: {n}/{n} items" in err  # named by the task, not a subject

@@ -112,8 +112,12 @@ def encode_prompt(prompt: str, tokenizer: Any, chat: bool = False) -> list[int]:
     return ids
 
 
-def tokenize_example(ex: Example, tokenizer: Any, max_len: int, chat: bool = False) -> dict:
-    """input_ids = prompt + response + EOS; labels = -100 on the prompt; the prompt loses its left end if too long."""
+def tokenize_example(ex: Example, tokenizer: Any, max_len: int, chat: bool = False, truncate: bool = False) -> dict:
+    """input_ids = prompt + response + EOS; labels = -100 on the prompt; the prompt loses its left end if too long.
+
+    A response that does not fit in `max_len` is an error, or with `truncate` (training) the row is
+    cut to `max_len` tokens keeping up to half the window of prompt.
+    """
     eos = tokenizer.eos_token_id
     if eos is None:
         raise MultiLoRAError("the tokenizer has no eos_token; set one (tokenizer.eos_token = ...)")
@@ -124,6 +128,10 @@ def tokenize_example(ex: Example, tokenizer: Any, max_len: int, chat: bool = Fal
     keep_bos = 1 if adds_bos(tokenizer) else 0
     room = max_len - len(response)  # tokens left for the prompt
     if room < keep_bos + 1:
+        if truncate:  # keep the end of the prompt (up to half the window) and the start of the response
+            start = len(prompt) - min(len(prompt), max_len // 2)
+            ids, labels = prompt + response, [IGNORE] * len(prompt) + response
+            return {"input_ids": ids[start:start + max_len], "labels": labels[start:start + max_len], "task": ex.task}
         raise MultiLoRAError(
             f"task {ex.task!r}: the response needs {len(response)} tokens (with EOS) and the prompt "
             f"at least {keep_bos + 1}, but max_len is {max_len}; raise max_len or shorten the response")

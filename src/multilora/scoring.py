@@ -88,18 +88,20 @@ class EvalProgress:
             return
         if self.bar is not None:
             self.bar.advance(self.bar.task_ids[0], n)
-        elif self.clock() - self.last >= PROGRESS_EVERY_S:
-            self._line()
+            return
+        now = self.clock()
+        if now - self.last >= PROGRESS_EVERY_S:
+            self._line(now)
 
     def __exit__(self, exc_type: Any, *_: Any) -> None:
         if self.bar is not None:
             self.bar.stop()
         elif self.enabled and exc_type is None:
-            self._line()
+            self._line(self.clock())
 
-    def _line(self) -> None:
-        self.last = self.clock()
-        print(f"eval {self.label}: {self.done}/{self.total} {self.unit}, {self.last - self.started:.0f} s",
+    def _line(self, now: float) -> None:
+        self.last = now
+        print(f"eval {self.label}: {self.done}/{self.total} {self.unit}, {now - self.started:.0f} s",
               file=self.stream, flush=True)
 
 
