@@ -22,7 +22,8 @@ def setup(method: str, args: argparse.Namespace, rows: list[dict], tasks: list[s
     from multilora.data import collate
     from multilora.inject import MultiLoRAConfig, inject
     from multilora.models import load_model
-    from multilora.train import param_groups, token_losses
+    from multilora.loss import token_losses
+    from multilora.train import param_groups
 
     torch.manual_seed(0)
     model, tok = load_model(args.model)

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from multilora.train import add_train_arguments, read_metrics, run_train_cli
+from multilora.run import read_metrics
+from multilora.train import add_train_arguments, run_train_cli
 
 pytest.importorskip("tensorboard")
 

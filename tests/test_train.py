@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -21,8 +22,9 @@ from safetensors.torch import load_file
 
 from multilora.config import load_config
 from multilora.errors import MultiLoRAError
-from multilora.train import (add_train_arguments, build_plan, checkpoint_dirs, read_metrics, run_train_cli,
-                             token_losses, train)
+from multilora.loss import token_losses
+from multilora.run import Run, checkpoint_dirs, read_metrics
+from multilora.train import add_train_arguments, build_plan, run_train_cli, train
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
@@ -150,11 +152,11 @@ def test_eval_fn_hook_results_go_to_metrics(tiny_dir, tmp_path):
 def test_long_responses_are_cut_to_max_len(tiny_dir):
     from multilora.data import IGNORE, Example
     from multilora.models import load_model
-    from multilora.train import _tokenize
+    from multilora.train import tokenize
 
     _, tok = load_model(tiny_dir)
     config = load_config(None, ["--data.max_len", "32"])
-    row = _tokenize(Example("alpaca", "Write a long story. " * 5, " once upon a time" * 40), tok, config)
+    row = tokenize(Example("alpaca", "Write a long story. " * 5, " once upon a time" * 40), tok, config)
     assert len(row["input_ids"]) == len(row["labels"]) == 32
     assert row["labels"][:16] == [IGNORE] * 16 and IGNORE not in row["labels"][16:]  # half prompt, half response
 
@@ -283,8 +285,8 @@ def test_existing_run_folder_is_not_overwritten(tiny_dir, tmp_path):
 def test_a_second_trainer_on_the_same_run_folder_is_refused(tiny_dir, tmp_path):
     run = tmp_path / "run"
     holder = subprocess.Popen(  # another process holding the run folder, as a running `multilora train` does
-        [sys.executable, "-c", "import sys, time; from pathlib import Path; from multilora.train import _lock_run_dir; "
-         "_lock_run_dir(Path(sys.argv[1])); print('locked', flush=True); time.sleep(60)", str(run)],
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from multilora.run import Run; "
+         "Run(Path(sys.argv[1])).lock(); print('locked', flush=True); time.sleep(60)", str(run)],
         stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
@@ -492,3 +494,66 @@ def test_cli_refuses_an_abbreviated_key_instead_of_guessing(tiny_dir, tmp_path, 
     (tmp_path / "c.yaml").write_text(f"model: {tiny_dir}\n")
     assert main(["train", str(tmp_path / "c.yaml"), *args, "--dry-run"]) == 2
     assert "unknown key 'train.max_step'; did you mean 'train.max_steps'?" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- run folder records (issue 16)
+
+
+def test_resume_with_a_longer_run_continues_on_the_new_schedule(tiny_dir, tmp_path):
+    """Resuming a finished 6-step run with max_steps 8: steps 7 and 8 get the lrs of a fresh 8-step run."""
+    fresh = train(load_config(None, overrides(tiny_dir, tmp_path / "fresh", steps=8)), progress=False)
+    run = train(load_config(None, overrides(tiny_dir, tmp_path / "run", steps=6)), progress=False)
+    assert [s for s, _ in checkpoint_dirs(run)] == [4, 6]
+    train(load_config(None, overrides(tiny_dir, run, steps=8)), resume=run, progress=False)
+
+    def lrs(folder: Path) -> dict[int, float]:
+        return {r["step"]: r["lr"] for r in read_metrics(folder) if "lr" in r}
+
+    want, got = lrs(fresh), lrs(run)
+    assert got[6] < want[6]  # step 6 ran near the end of the 6-step cosine (whose next value is 0)
+    assert got[7] == pytest.approx(want[7], rel=1e-12) and got[8] == pytest.approx(want[8], rel=1e-12)
+    assert Run(run).finished()["step"] == 8
+
+
+def test_every_parameter_group_logs_its_lr(tiny_dir, tmp_path):
+    config = load_config(None, overrides(tiny_dir, tmp_path / "run", steps=2, **{"optim.s_lr_mult": 30,
+                                                                                  "optim.b_lr_mult": 4}))
+    run = train(config, progress=False)
+    first = next(r for r in read_metrics(run) if "loss" in r)
+    assert first["lr/scales"] == pytest.approx(30 * first["lr/decay"])
+    assert first["lr/lora_B"] == pytest.approx(4 * first["lr/decay"])
+    assert first["lr"] == first["lr/decay"] > 0
+
+
+def test_train_writes_the_finished_record_last(tiny_dir, tmp_path, monkeypatch):
+    run = train(load_config(None, overrides(tiny_dir, tmp_path / "done", steps=2)), progress=False)
+    record = Run(run).finished()
+    assert record["step"] == 2 and record["seconds"] > 0 and record["finished"] > 0
+    assert (run / "adapter.safetensors").stat().st_mtime <= (run / "finished.json").stat().st_mtime
+
+    import multilora.run as R
+
+    def refuse(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(R, "save_adapter_from_state", refuse)
+    failed = tmp_path / "failed"
+    with pytest.raises(MultiLoRAError, match="disk is full"):
+        train(load_config(None, overrides(tiny_dir, failed, steps=2)), progress=False)
+    assert Run(failed).finished() is None  # a run whose final save failed is not finished
+
+
+def test_the_resume_hint_is_shell_quoted(tiny_dir, tmp_path, capsys):
+    run = tmp_path / "my run ünï ✓"
+
+    def interrupt(step, model, record):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(KeyboardInterrupt):
+        train(load_config(None, overrides(tiny_dir, run, steps=6)), on_step=interrupt, progress=False)
+    out = capsys.readouterr().out
+    hint = f"multilora train --resume {shlex.quote(str(run))}"
+    assert hint in out and "'" in hint
+    assert shlex.split(hint)[-1] == str(run)  # pasted into a shell, it names the folder
+    assert [s for s, _ in checkpoint_dirs(run)] == [2]

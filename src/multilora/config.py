@@ -22,7 +22,6 @@ from __future__ import annotations
 import difflib
 import math
 import os
-import re
 import reprlib
 import types
 import typing
@@ -34,8 +33,9 @@ import yaml
 
 from .data import STRATEGIES
 from .errors import MultiLoRAError
-from .layers import INITS, SCALES
+from .inject import MultiLoRAConfig
 from .models import DEFAULT_MODEL as EMBEDDED_MODEL
+from .tasks import PAPER_MIXTURE, TASKS
 
 METHODS = ("multilora", "lora", "full")
 SCHEDULES = ("linear", "cosine")
@@ -51,24 +51,10 @@ def _show(value: Any) -> str:
 
 
 @dataclass
-class AdapterOptions:
-    """LoRA / MultiLoRA options (MULTILORA.md §2); ignored by `method: full`."""
-
-    n: int = 3
-    r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    init: str = "multilora"  # multilora: A, B Kaiming, s = 0 | lora: B = 0
-    scale: str = "vector"  # vector (n, d_out) | scalar (n,) | none
-    scale_init: Union[float, None] = None  # initial s; null: 0 for init multilora (keeps dW = 0), 1 for lora
-    targets: Union[list[str], str] = field(default_factory=lambda: ["q_proj", "v_proj"])
-
-
-@dataclass
 class DataOptions:
     """Training tasks, how they are mixed, and the held-out evaluation set."""
 
-    tasks: list[str] = field(default_factory=lambda: ["alpaca", "mmlu", "boolq", "rte", "wic"])
+    tasks: list[str] = field(default_factory=lambda: list(PAPER_MIXTURE))
     mixture: str = "proportional"  # proportional | temperature | uniform | weights
     temperature: float = 2.0  # for mixture: temperature (p_t ~ n_t^(1/T))
     weights: Union[dict[str, float], None] = None  # for mixture: weights, one per task
@@ -116,7 +102,7 @@ class TrainConfig:
 
     model: str = EMBEDDED_MODEL  # 'smollm2-135m' (embedded) or a local model folder
     method: str = "multilora"  # multilora | lora | full
-    adapter: AdapterOptions = field(default_factory=AdapterOptions)
+    adapter: MultiLoRAConfig = field(default_factory=MultiLoRAConfig)  # ignored by method full
     data: DataOptions = field(default_factory=DataOptions)
     optim: OptimOptions = field(default_factory=OptimOptions)
     train: TrainOptions = field(default_factory=TrainOptions)
@@ -131,7 +117,7 @@ class TrainConfig:
         return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
 
 
-SECTIONS = {"adapter": AdapterOptions, "data": DataOptions, "optim": OptimOptions, "train": TrainOptions}
+SECTIONS = {"adapter": MultiLoRAConfig, "data": DataOptions, "optim": OptimOptions, "train": TrainOptions}
 
 
 def valid_keys() -> list[str]:
@@ -389,30 +375,17 @@ def _check_values(c: TrainConfig, given: set[str]) -> list[str]:
             p.append("method lora has no scales, so adapter.scale_init does not apply; drop it or use method multilora")
         a.n, a.init, a.scale, a.scale_init = 1, "lora", "none", None
     if c.method != "full":
-        positive("adapter.n", a.n)
-        positive("adapter.r", a.r)
-        positive("adapter.alpha", a.alpha)
-        if not 0 <= a.dropout < 1:
-            p.append(f"adapter.dropout = {a.dropout!r} must be in [0, 1)")
-        one_of("adapter.init", a.init, INITS)
-        one_of("adapter.scale", a.scale, SCALES)
-        if a.scale_init is not None and not math.isfinite(a.scale_init):
-            p.append(f"adapter.scale_init = {a.scale_init!r} must be a finite number (or null for the init's default)")
-        elif a.scale_init is not None and a.scale == "none":
-            p.append("adapter.scale_init is set but adapter.scale is 'none' (no scales); drop it or use a scale")
-        if (isinstance(a.targets, list) and not a.targets) or a.targets == "":
-            p.append("adapter.targets is empty: name module suffixes (e.g. [q_proj, v_proj]), a regex or 'all-linear'")
-        elif isinstance(a.targets, str) and a.targets != "all-linear":
-            try:
-                re.compile(a.targets)
-            except re.error as e:
-                p.append(f"adapter.targets = {_show(a.targets)} is not a valid regular expression ({e}); "
-                         "fix it or list module suffixes (e.g. [q_proj, v_proj])")
+        for problem in a.problems():  # the adapter's own rules (MultiLoRAConfig.problems), in the config's words
+            key, value = f"adapter.{problem.key}", getattr(a, problem.key)
+            if problem.choices:
+                one_of(key, value, problem.choices)
+            elif problem.requirement.startswith("must"):
+                p.append(f"{key} = {_show(value)} {problem.requirement}")
+            else:
+                p.append(f"adapter.{problem.requirement}")
     if not d.tasks:
         p.append("data.tasks is empty: name at least one task (e.g. [alpaca, rte])")
     else:
-        from .tasks import TASKS
-
         for name in d.tasks:
             if name not in TASKS:
                 close = difflib.get_close_matches(name, list(TASKS), n=1)
@@ -469,5 +442,5 @@ def _check_values(c: TrainConfig, given: set[str]) -> list[str]:
     return p
 
 
-__all__ = ["AdapterOptions", "DataOptions", "OptimOptions", "TrainOptions", "TrainConfig", "load_config",
+__all__ = ["DataOptions", "OptimOptions", "TrainOptions", "TrainConfig", "load_config",
            "config_from_dict", "config_from_flat", "flatten", "parse_overrides", "valid_keys", "help_text"]

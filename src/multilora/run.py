@@ -118,8 +118,12 @@ class Run:
         write_text_atomic(self.path / CONFIG_FILE, config.to_yaml())
 
     def config_diff(self, config: TrainConfig, ignore: tuple[str, ...] = ()) -> list[str]:
-        """The dotted keys whose value in `config` differs from config.yaml (output_dir and `ignore` aside)."""
-        saved, wanted = self.saved_config(), flatten(config.to_dict())
+        """The dotted keys whose value in `config` differs from config.yaml (output_dir and `ignore` aside).
+
+        A key config.yaml lacks (written by an older multilora) counts as its default.
+        """
+        saved = {**flatten(TrainConfig().to_dict()), **self.saved_config()}
+        wanted = flatten(config.to_dict())
         return [k for k in wanted if k != "output_dir" and k not in ignore and saved.get(k) != wanted[k]]
 
     def base_model(self) -> str | None:
@@ -403,6 +407,21 @@ def load_trainable(model: nn.Module, checkpoint: str | os.PathLike) -> None:
             p.copy_(tensors[k])
 
 
+def register_state_hooks(accelerator: Any, model: nn.Module) -> None:
+    """Make accelerate's checkpoints hold only the trainable tensors (by unwrapped name), checked key by key on load."""
+
+    def save_hook(models: list, weights: list, output_dir: str) -> None:
+        for i in range(len(weights)):
+            weights[i] = {k: p.detach() for k, p in trainable_state(model).items()}
+
+    def load_hook(models: list, input_dir: str) -> None:
+        models.clear()  # loaded here, by name, with a check
+        load_trainable(model, input_dir)
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+
 def save_adapter_from_state(config: TrainConfig, model_config: Any, state: dict[str, torch.Tensor],
                             out_dir: str | os.PathLike) -> Path:
     """Write adapter.safetensors + adapter_config.json from a full state dict (as gathered from FSDP/DeepSpeed).
@@ -422,4 +441,4 @@ def save_adapter_from_state(config: TrainConfig, model_config: Any, state: dict[
     return save_adapter(shadow, out_dir)
 
 
-__all__ = ["Run", "checkpoint_dirs", "read_metrics", "verify_checkpoint", "save_adapter_from_state", "WriteError"]
+__all__ = ["Run", "checkpoint_dirs", "read_metrics", "verify_checkpoint", "register_state_hooks", "save_adapter_from_state"]

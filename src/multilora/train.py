@@ -1,8 +1,12 @@
 """`multilora train`: LoRA, MultiLoRA or full fine-tuning of a causal LM on a task mixture, on Accelerate.
 
     config = load_config("recipes/demo-multilora.yaml", ["--train.max_steps", "20"])
-    run_dir = train(config)                       # runs/<name>/ as in DESIGN.md
+    run_dir = train(config)                       # runs/<name>/ (see run.py for what it holds)
     train(None, resume=run_dir)                   # continue from the newest complete checkpoint
+
+The torchtune shape: `build_plan` (model, method, data, length), `setup` (accelerate, optimizer,
+schedule, the run folder, resume), `train_step` (one optimizer step: accumulation, reduction, the
+non-finite guard) and `train` (the loop: when to evaluate, save and log).
 
 One optimizer step draws one global batch of `batch_size * grad_accum * processes` examples from
 the mixture sampler; every process sees the whole draw and trains on its own slice, so the loss is
@@ -11,52 +15,39 @@ is scaled by the global label-token count, accelerate averages gradients over pr
 divides by `grad_accum`). Gradient accumulation, clipping, mixed precision, DDP/FSDP/DeepSpeed and
 checkpoint state (optimizer, scheduler, RNG) are accelerate's; a checkpoint also holds the
 sampler position, so a resumed run sees exactly the batches the uninterrupted run would.
-
-Run folder:
-    config.yaml                  the resolved config
-    adapter.safetensors + adapter_config.json     (lora, multilora; via checkpoint.save_adapter)
-    model.safetensors + config.json + tokenizer   (full: a save_pretrained folder) + full_model.json
-    checkpoints/step-N/          accelerate save_state (model.safetensors holds the trainable tensors only,
-                                 optimizer, scheduler, RNG) + sampler.json + trainer_state.json (written last)
-    metrics.jsonl                one JSON object per logged step (and per evaluation)
 """
 
 from __future__ import annotations
 
 import argparse
-import inspect
-import fcntl
-import json
 import math
 import os
 import random
-import shutil
+import shlex
 import signal
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
+from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate.utils import DistributedType, set_seed
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
+from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
 
 from .config import TrainConfig, config_from_flat, flatten, help_text, load_config, valid_keys
 from .data import IGNORE, Example, MixtureSampler, collate, tokenize_example
 from .errors import MultiLoRAError
-from .io import (WriteError, check_writable_dir, failed_write, fsync_dir, fsync_tree, read_json_object, write_error,
-                 write_json_atomic, write_text_atomic)
+from .inject import count_parameters, inject
+from .io import check_writable_dir, read_json_object
+from .loss import token_losses
+from .models import load_model
+from .run import SAMPLER_FILE, STATE_FILE, Run, register_state_hooks
+from .tasks import get_task, load_examples
 
-if TYPE_CHECKING:
-    from .inject import MultiLoRAConfig
-
-CHECKPOINTS = "checkpoints"
-METRICS = "metrics.jsonl"
-CONFIG_FILE = "config.yaml"
-FULL_INFO = "full_model.json"
-STATE_FILE = "trainer_state.json"  # written last into a checkpoint: marks it complete
-SAMPLER_FILE = "sampler.json"
 # keys a resumed run may change (how long, how often); everything else must match the saved config
 RESUMABLE_CHANGES = ("train.max_steps", "train.epochs", "train.eval_every", "train.save_every",
                      "train.keep_last", "train.log_every", "train.log_tensorboard")
@@ -100,19 +91,13 @@ class Plan:
 
 def build_plan(config: TrainConfig, num_processes: int = 1) -> Plan:
     """Load the model, apply the method, load the data and size the run; no training."""
-    from accelerate.utils import set_seed
-
-    from .inject import count_parameters, inject
-    from .models import load_model
-    from .tasks import get_task, load_examples
-
     set_seed(config.train.seed)  # before injection: adapter init draws from the RNG
     model, tokenizer = load_model(config.model)
     if config.method == "full":
         for p in model.parameters():
             p.requires_grad_(True)
     else:
-        inject(model, adapter_config(config))
+        inject(model, config.adapter)
     trainable, total = count_parameters(model)
     o = config.optim
     groups = param_groups(model, o.lr, o.weight_decay, s_lr_mult=o.s_lr_mult, b_lr_mult=o.b_lr_mult)
@@ -120,7 +105,7 @@ def build_plan(config: TrainConfig, num_processes: int = 1) -> Plan:
     tasks = list(config.data.tasks)
     train_examples = {t: load_examples(t) for t in tasks}
     for t in tasks:  # fail now, not mid-run, on a template or tokenizer problem
-        _tokenize(train_examples[t][0], tokenizer, config)
+        tokenize(train_examples[t][0], tokenizer, config)
     eval_examples = {}
     for t in tasks:
         if config.data.eval_examples <= 0:
@@ -140,15 +125,6 @@ def build_plan(config: TrainConfig, num_processes: int = 1) -> Plan:
                              f"{total_steps} steps; lower it or train longer")
     return Plan(config, model, tokenizer, tasks, train_examples, eval_examples, sampler, groups, total_steps,
                 global_batch, num_processes, {"trainable": trainable, "total": total, "frozen": total - trainable})
-
-
-def adapter_config(config: TrainConfig) -> "MultiLoRAConfig":
-    """The MultiLoRAConfig of a run's `adapter` section."""
-    from .inject import MultiLoRAConfig
-
-    a = config.adapter
-    return MultiLoRAConfig(n=a.n, r=a.r, alpha=a.alpha, dropout=a.dropout, init=a.init, scale=a.scale,
-                           scale_init=a.scale_init, targets=a.targets)
 
 
 def param_groups(model: nn.Module, lr: float, weight_decay: float, s_lr_mult: float = 1.0,
@@ -185,385 +161,284 @@ def make_optimizer(plan: Plan) -> torch.optim.AdamW:
 
 def make_scheduler(optimizer: torch.optim.Optimizer, schedule: str, warmup: int, total: int) -> Any:
     """Linear warmup to the peak lr, then linear or cosine decay to 0 at `total` steps."""
-    from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
-
     make = get_cosine_schedule_with_warmup if schedule == "cosine" else get_linear_schedule_with_warmup
     return make(optimizer, num_warmup_steps=warmup, num_training_steps=total)
 
 
-# ----------------------------------------------------------------------------- loss
+def continue_schedule(scheduler: Any, step: int) -> None:
+    """Set every group's lr to the schedule's value at `step` (after a resume that changed the run's length).
 
-
-def token_losses(model: nn.Module, batch: dict[str, torch.Tensor], n_tasks: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of response-token losses per task (n_tasks,), response-token count per task (n_tasks,)).
-
-    Logits are computed only where a label follows (`logits_to_keep`), which skips the output
-    head on prompt tokens.
+    A checkpoint restores the optimizer's lrs and the scheduler's last lr as the old schedule left
+    them; the schedule itself is rebuilt from the current config, so without this the first resumed
+    step would run at the old schedule's lr (0 at its end) and the next one jump onto the new curve.
     """
-    labels = batch["labels"]  # (B, T)
-    keep = torch.zeros_like(labels, dtype=torch.bool)  # (B, T): position t predicts token t + 1
-    keep[:, :-1] = labels[:, 1:] != IGNORE
-    targets = labels[:, 1:][keep[:, :-1]]  # (K,)
-    if _accepts_logits_to_keep(model):
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep)
-        logits = out.logits.reshape(-1, out.logits.shape[-1])  # (K, V)
-    else:
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        logits = out.logits[keep]  # (K, V)
-    loss = F.cross_entropy(logits.float(), targets, reduction="none")  # (K,)
-    task_of = batch["task_ids"][:, None].expand_as(keep)[keep]  # (K,)
-    sums = torch.zeros(n_tasks, device=loss.device, dtype=loss.dtype).index_add(0, task_of, loss)  # (n_tasks,)
-    counts = torch.bincount(task_of, minlength=n_tasks).to(loss.dtype)  # (n_tasks,)
-    return sums, counts
+    inner = getattr(scheduler, "scheduler", scheduler)  # accelerate wraps it
+    lrs = [base * fn(step) for base, fn in zip(inner.base_lrs, inner.lr_lambdas)]
+    for group, lr in zip(inner.optimizer.param_groups, lrs):
+        group["lr"] = lr
+    inner._last_lr = lrs  # what get_last_lr() reports until the next scheduler.step()
 
 
-def _accepts_logits_to_keep(model: nn.Module) -> bool:
-    inner = getattr(model, "module", model)  # DDP wraps the model
-    try:
-        return "logits_to_keep" in inspect.signature(inner.forward).parameters
-    except (TypeError, ValueError):
-        return False
+def tokenize(ex: Example, tokenizer: Any, config: TrainConfig) -> dict:
+    """One training row; a response longer than data.max_len is cut (keeping up to half the window of prompt)."""
+    return tokenize_example(ex, tokenizer, config.data.max_len, config.data.chat, truncate=True)
 
 
-def heldout_loss_fn(plan: Plan, accelerator: Any) -> EvalFn:
-    """The default evaluation: response-token loss per task on the fixed held-out examples.
+class HeldoutLoss:
+    """The default evaluation: response-token loss per task on the plan's fixed held-out examples.
 
     Each process scores its share of the examples and the sums are added across processes; every
     process runs the same number of forward passes (FSDP and DeepSpeed need that).
     """
-    rows = [_tokenize(ex, plan.tokenizer, plan.config) for t in plan.tasks for ex in plan.eval_examples.get(t, [])]
-    bs, world, rank = plan.config.train.batch_size, accelerator.num_processes, accelerator.process_index
-    mine = rows[rank::world]
-    n_batches = -(-len(rows) // (world * bs))  # the same on every process
-    pad, n_tasks = plan.tokenizer.pad_token_id, len(plan.tasks)
+
+    def __init__(self, plan: Plan, accelerator: Any) -> None:
+        self.rows = [tokenize(ex, plan.tokenizer, plan.config) for t in plan.tasks for ex in plan.eval_examples.get(t, [])]
+        self.accelerator, self.tasks, self.pad = accelerator, plan.tasks, plan.tokenizer.pad_token_id
+        self.batch_size = plan.config.train.batch_size
 
     @torch.no_grad()
-    def evaluate(model: nn.Module) -> dict[str, float]:
-        sums = torch.zeros(n_tasks, dtype=torch.float64, device=accelerator.device)
-        counts = torch.zeros(n_tasks, dtype=torch.float64, device=accelerator.device)
+    def __call__(self, model: nn.Module) -> dict[str, float]:
+        acc, bs, n_tasks = self.accelerator, self.batch_size, len(self.tasks)
+        mine = self.rows[acc.process_index::acc.num_processes]
+        n_batches = -(-len(self.rows) // (acc.num_processes * bs))  # the same on every process
+        sums = torch.zeros(n_tasks, dtype=torch.float64, device=acc.device)
+        counts = torch.zeros(n_tasks, dtype=torch.float64, device=acc.device)
         for i in range(n_batches):
             part, weight = mine[i * bs:(i + 1) * bs], 1.0
             if not part:  # this process ran out: a dummy batch that counts for nothing
-                part, weight = rows[:1], 0.0
-            batch = {k: v.to(accelerator.device) for k, v in collate(part, pad, plan.tasks).items()}
+                part, weight = self.rows[:1], 0.0
+            batch = {k: v.to(acc.device) for k, v in collate(part, self.pad, self.tasks).items()}
             s, c = token_losses(model, batch, n_tasks)
             sums += s.double() * weight
             counts += c.double() * weight
-        total = accelerator.reduce(torch.cat([sums, counts]), "sum").cpu()
+        total = acc.reduce(torch.cat([sums, counts]), "sum").cpu()
         sums, counts = total[:n_tasks], total[n_tasks:]
         out = {"loss": float(sums.sum() / counts.sum().clamp(min=1))}
-        out |= {f"loss/{t}": float(sums[i] / counts[i]) for i, t in enumerate(plan.tasks) if counts[i] > 0}
+        out |= {f"loss/{t}": float(sums[i] / counts[i]) for i, t in enumerate(self.tasks) if counts[i] > 0}
         return out
 
-    return evaluate
+
+# ----------------------------------------------------------------------------- setup
 
 
-def _tokenize(ex: Example, tokenizer: Any, config: TrainConfig) -> dict:
-    """tokenize_example, but a response longer than max_len is cut (keeping up to half the window of prompt)."""
-    max_len = config.data.max_len
-    try:
-        return tokenize_example(ex, tokenizer, max_len, config.data.chat)
-    except MultiLoRAError:
-        row = tokenize_example(ex, tokenizer, 10**9, config.data.chat)
-        n_prompt = sum(1 for x in row["labels"] if x == IGNORE)
-        start = n_prompt - min(n_prompt, max_len // 2)
-        return {"input_ids": row["input_ids"][start:start + max_len], "labels": row["labels"][start:start + max_len],
-                "task": row["task"]}
+class StopRequest:
+    """Ctrl-C and SIGTERM (what torchrun, accelerate launch and batch schedulers send) ask the loop to
+    save and stop; a second Ctrl-C stops at once."""
 
+    def __init__(self, say: Callable[[str], None]) -> None:
+        self.requested, self.say, self.previous = False, say, {}
 
-# ----------------------------------------------------------------------------- run folder
-
-
-def checkpoint_dirs(run_dir: Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints of a run as (step, folder), oldest first."""
-    root = Path(run_dir) / CHECKPOINTS
-    out = []
-    for d in root.glob("step-*") if root.is_dir() else []:
-        step = d.name.removeprefix("step-")
-        if step.isdigit() and (d / STATE_FILE).is_file():
-            out.append((int(step), d))
-    return sorted(out)
-
-
-def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
-    """The records of a run's metrics.jsonl (a torn last line from a killed run is skipped)."""
-    path = Path(run_dir) / METRICS
-    out = []
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
+    def __enter__(self) -> "StopRequest":
+        for sig in (signal.SIGINT, signal.SIGTERM):
             try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return out
+                self.previous[sig] = signal.signal(sig, self.handle)
+            except ValueError:  # not the main thread: no handler, signals behave as usual
+                pass
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def handle(self, signum: int, frame: Any) -> None:
+        """The signal handler."""
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        self.say(f"\n{signal.Signals(signum).name}: finishing this step and saving a checkpoint "
+                 "(Ctrl-C again to quit at once)")
 
 
-def _append_jsonl(path: Path, record: dict) -> None:
-    """Append one JSON line and flush it to disk (one write: a killed run leaves whole lines).
+@dataclass
+class Session:
+    """A set-up run: what `train_step` and the loop work on."""
 
-    A failed write (disk full) raises a WriteError naming the run's newest checkpoint; a torn last
-    line is skipped by read_metrics and dropped by --resume.
-    """
+    plan: Plan
+    accelerator: Any
+    run: Run
+    model: nn.Module  # as prepared by accelerate (possibly wrapped)
+    optimizer: Any
+    scheduler: Any
+    evaluate: EvalFn | None  # None: no evaluation (no held-out examples, no eval_fn)
+    step: int = 0
+    elapsed_before: float = 0.0  # training seconds of the run before this process resumed it
+    tokenized: dict[tuple[str, int], dict] = field(default_factory=dict)  # each training row tokenized once
+
+    @property
+    def unwrapped(self) -> nn.Module:
+        """The model without accelerate's wrappers."""
+        return self.accelerator.unwrap_model(self.model)
+
+    def say(self, text: str) -> None:
+        """Print on the main process only."""
+        self.accelerator.print(text)
+
+
+def make_accelerator(config: TrainConfig) -> Any:
+    """The Accelerator of a run (mixed precision, accumulation, TensorBoard), or a one-line error."""
     try:
-        with open(path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-    except OSError as e:
-        error = _run_write_error(e, f"saving {path}", path.parent)
-        if error is None:
-            raise
-        raise error from e
+        return Accelerator(
+            mixed_precision=config.train.mixed_precision, cpu=config.train.cpu,
+            gradient_accumulation_steps=config.train.grad_accum,
+            dataloader_config=DataLoaderConfiguration(split_batches=True),  # scheduler steps once per step
+            log_with="tensorboard" if config.train.log_tensorboard else None, project_dir=str(config.output_dir),
+        )
+    except ValueError as e:
+        raise MultiLoRAError(f"cannot set up accelerate with train.mixed_precision = "
+                             f"{config.train.mixed_precision!r} ({e}); use 'no' or 'bf16' on CPU") from None
 
 
-def _run_write_error(exc: BaseException, doing: str, run_dir: Path, previous: str = "") -> WriteError | None:
-    """io.failed_write for a write in a run folder: the newest checkpoint is what is kept, --resume the way on."""
-    done = checkpoint_dirs(run_dir)
-    kept, then = ((f"the {previous}checkpoint {done[-1][1]} is kept", f" and --resume {run_dir}") if done else
-                  ("no checkpoint was saved yet", " and start the run again with --overwrite"))
-    return failed_write(exc, doing, run_dir if run_dir.is_dir() else run_dir.parent, kept, then)
-
-
-def _save_checkpoint(accelerator: Any, run_dir: Path, step: int, sampler: MixtureSampler, keep_last: int,
-                     extra: dict) -> Path:
-    """accelerate save_state into checkpoints/.step-N.tmp, add sampler + trainer state, rename; keep the last K.
-
-    A failed save (disk full, folder not writable) removes its temporary folder, leaves every finished
-    checkpoint as it was and raises a WriteError naming the checkpoint that is kept. Old checkpoints
-    are renamed aside before they are deleted, so a killed run never leaves a half-deleted step-N.
-    """
-    root = run_dir / CHECKPOINTS
-    tmp, final = root / f".step-{step}.tmp", root / f"step-{step}"
-    aside = root / f".step-{step}.old.tmp"
-    moved_aside = False
-    try:
-        if accelerator.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        accelerator.wait_for_everyone()
-        accelerator.save_state(str(tmp))
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            write_json_atomic(tmp / SAMPLER_FILE, sampler.state_dict())
-            from .checkpoint import sha256_file
-
-            files = {f.name: sha256_file(f) for f in sorted(tmp.iterdir()) if f.is_file()}  # verified on resume
-            write_json_atomic(tmp / STATE_FILE, {"step": step, **extra, "files": files})
-            fsync_tree(tmp)  # accelerate does not flush its files: no empty file in a checkpoint after a crash
-            if final.exists():  # the same step saved again (Ctrl-C right after a periodic save)
-                shutil.rmtree(aside, ignore_errors=True)
-                os.replace(final, aside)
-                moved_aside = True
-            os.replace(tmp, final)
-            fsync_dir(root)
-    except Exception as e:
-        if accelerator.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)  # frees the space the partial checkpoint took
-            if moved_aside and not final.exists():
-                os.replace(aside, final)
-        error = _run_write_error(e, f"saving checkpoint step-{step} to {root}", run_dir, previous="previous ")
-        if error is None:  # not a write problem: a bug, keep its traceback
-            raise
-        raise error from e
-    if accelerator.is_main_process:
-        for _, old in checkpoint_dirs(run_dir)[:-keep_last]:
-            doomed = root / f".{old.name}.old.tmp"
-            shutil.rmtree(doomed, ignore_errors=True)
-            os.replace(old, doomed)  # gone from checkpoint_dirs at once, then deleted
-            shutil.rmtree(doomed, ignore_errors=True)
-        for stale in root.glob(".step-*.tmp"):  # left by a killed save
-            shutil.rmtree(stale, ignore_errors=True)
+def setup(config: TrainConfig, accelerator: Any, run: Run, resume: bool, eval_fn: EvalFn | None) -> Session:
+    """Build the plan, prepare model/optimizer/schedule, then restore the newest checkpoint or start the folder."""
+    with accelerator.main_process_first():
+        plan = build_plan(config, accelerator.num_processes)
+    cfg = plan.config
+    optimizer = make_optimizer(plan)
+    scheduler = make_scheduler(optimizer, cfg.optim.schedule, cfg.optim.warmup_steps, plan.total_steps)
+    plan.model.train()
+    model, optimizer, scheduler = accelerator.prepare(plan.model, optimizer, scheduler)
+    if accelerator.distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        register_state_hooks(accelerator, accelerator.unwrap_model(model))
+    evaluate = eval_fn or (HeldoutLoss(plan, accelerator) if plan.eval_examples else None)
+    session = Session(plan, accelerator, run, model, optimizer, scheduler, evaluate)
+    if resume:
+        session.step, session.elapsed_before = restore(session)
+        session.say(f"resuming {run.path} from step-{session.step}")
+    elif accelerator.is_main_process:
+        run.path.mkdir(parents=True, exist_ok=True)
+        run.write_config(cfg)
     accelerator.wait_for_everyone()
-    return final
+    if cfg.train.log_tensorboard:
+        accelerator.init_trackers("tensorboard")
+    session.say(plan.describe())
+    return session
 
 
-def _verify_checkpoint(ck: Path) -> None:
-    """Every file the checkpoint recorded in trainer_state.json is there with its sha256 (else: name it)."""
-    from .checkpoint import sha256_file
-
-    fix = f"delete {ck} to resume from the checkpoint before it"
-    files = read_json_object(ck / STATE_FILE, fix=fix).get("files")
-    if not isinstance(files, dict):  # written by an older multilora: check that the files exist
-        files = {name: None for name in ("model.safetensors", SAMPLER_FILE)}
-    for name, digest in files.items():
-        path = ck / name
-        if not path.is_file():
-            raise MultiLoRAError(f"checkpoint {ck} is damaged: {name} is missing; {fix}")
-        if digest is not None and sha256_file(path) != digest:
-            raise MultiLoRAError(f"checkpoint {ck} is damaged: {name} does not match the checksum in {STATE_FILE} "
-                                 f"(truncated or corrupt); {fix}")
-
-
-def _trainable(model: nn.Module) -> dict[str, nn.Parameter]:
-    return {name: p for name, p in model.named_parameters() if p.requires_grad}
-
-
-def _register_state_hooks(accelerator: Any, model: nn.Module) -> None:
-    """Checkpoints hold only the trainable tensors (by unwrapped name), and loading checks every key."""
-    from safetensors.torch import load_file
-
-    def save_hook(models: list, weights: list, output_dir: str) -> None:
-        for i in range(len(weights)):
-            weights[i] = {k: p.detach() for k, p in _trainable(model).items()}
-
-    def load_hook(models: list, input_dir: str) -> None:
-        models.clear()  # loaded below, by name, with a check
-        path = Path(input_dir) / "model.safetensors"
-        if not path.is_file():
-            raise MultiLoRAError(f"checkpoint {input_dir} has no model.safetensors; it is incomplete or not ours")
-        tensors = load_file(str(path))
-        params = _trainable(model)
-        missing, extra = sorted(params.keys() - tensors.keys()), sorted(tensors.keys() - params.keys())
-        if missing or extra:
-            raise MultiLoRAError(
-                f"checkpoint {input_dir} does not fit this run's trainable parameters: "
-                + (f"missing {missing[0]!r} ({len(missing)} missing) " if missing else "")
-                + (f"unexpected {extra[0]!r} ({len(extra)} unexpected)" if extra else "")
-                + "; resume with the same model and method")
-        with torch.no_grad():
-            for k, p in params.items():
-                p.copy_(tensors[k])
-
-    accelerator.register_save_state_pre_hook(save_hook)
-    accelerator.register_load_state_pre_hook(load_hook)
-
-
-def _save_final(plan: Plan, accelerator: Any, model: nn.Module, run_dir: Path) -> None:
-    """adapter.safetensors + adapter_config.json, or (full) a save_pretrained folder + full_model.json.
-
-    The tensors come from `accelerator.get_state_dict`, which gathers the full tensors of an FSDP
-    or DeepSpeed model on the main process; every process must call this.
-    """
-    from .checkpoint import base_model_info, sha256_file
-
-    state = accelerator.get_state_dict(model)  # {unwrapped name: full tensor} on the main process
-    if not accelerator.is_main_process:
-        return
-    unwrapped = accelerator.unwrap_model(model)
+def restore(s: Session) -> tuple[int, float]:
+    """Load the newest checkpoint into the session (weights, optimizer, schedule, RNG, sampler); (step, seconds)."""
+    step, ck = s.run.newest_checkpoint()
     try:
-        if plan.config.method != "full":
-            save_adapter_from_state(plan.config, unwrapped.config, state, run_dir)
-            return
-        tmp = run_dir / ".full.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        unwrapped.save_pretrained(tmp, state_dict=state, safe_serialization=True)
-        plan.tokenizer.save_pretrained(tmp)
-        for f in sorted(tmp.iterdir()):
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-            os.replace(f, run_dir / f.name)
-        shutil.rmtree(tmp, ignore_errors=True)
-        weights = sorted(p.name for p in run_dir.glob("model*.safetensors"))
-        write_json_atomic(run_dir / FULL_INFO, {
-            "format": "multilora-full", "method": "full", "weights": weights,
-            "weights_sha256": {w: sha256_file(run_dir / w) for w in weights},
-            "base_model": {**base_model_info(unwrapped), "name_or_path": plan.config.model},
-            "load_with": "multilora.models.load_model(run_dir) or AutoModelForCausalLM.from_pretrained(run_dir)",
-        })
-    except Exception as e:  # a full disk or an unwritable folder: one line naming what is kept
-        shutil.rmtree(run_dir / ".full.tmp", ignore_errors=True)
-        what = "model" if plan.config.method == "full" else "adapter"
-        error = _run_write_error(e, f"saving the {what} of the finished run to {run_dir}", run_dir)
-        if error is None:
-            raise
-        raise error from e
+        s.accelerator.load_state(str(ck))
+        state = read_json_object(ck / SAMPLER_FILE)
+    except MultiLoRAError:
+        raise
+    except Exception as e:  # noqa: BLE001 - safetensors / torch / json errors of a damaged checkpoint
+        raise MultiLoRAError(f"checkpoint {ck} cannot be loaded ({type(e).__name__}: "
+                             f"{' '.join(str(e).split())[:200]}); delete {ck} to resume from the "
+                             "checkpoint before it") from None
+    s.plan.sampler.load_state_dict(state)
+    continue_schedule(s.scheduler, step)  # the run's length may have changed (RESUMABLE_CHANGES)
+    if s.accelerator.is_main_process:  # drop records past the checkpoint (the killed run's last steps)
+        s.run.drop_metrics_after(step)
+    return step, float(read_json_object(ck / STATE_FILE).get("elapsed", 0.0))
 
 
-def save_adapter_from_state(config: TrainConfig, model_config: Any, state: dict[str, torch.Tensor],
-                            out_dir: Path) -> Path:
-    """Write adapter.safetensors + adapter_config.json from a full state dict (as gathered from FSDP/DeepSpeed).
+# ----------------------------------------------------------------------------- one step
 
-    The adapter is injected into a weightless (meta-device) copy of the model built from
-    `model_config`, its tensors are taken from `state`, and `checkpoint.save_adapter` writes it.
+
+def next_rows(s: Session, n: int) -> list[dict]:
+    """The next `n` draws of the mixture, tokenized (each example once, then cached)."""
+    rows = []
+    for _ in range(n):
+        task, idx = next(s.plan.sampler)
+        if (task, idx) not in s.tokenized:
+            s.tokenized[(task, idx)] = tokenize(s.plan.train_examples[task][idx], s.plan.tokenizer, s.plan.config)
+        rows.append(s.tokenized[(task, idx)])
+    return rows
+
+
+def train_step(s: Session, rows: list[dict]) -> dict:
+    """One optimizer step on one global batch (every process gets all `rows` and trains on its slice).
+
+    Returns the step's record (loss overall and per task, each group's lr, grad norm, tokens).
+    A non-finite loss or gradient norm raises MultiLoRAError before the weights change.
     """
-    import copy
-
-    from transformers import AutoModelForCausalLM
-
-    from .checkpoint import save_adapter
-    from .inject import adapter_parameters, inject
-
-    with torch.device("meta"):
-        shadow = AutoModelForCausalLM.from_config(copy.deepcopy(model_config))
-    inject(shadow, adapter_config(config))
-    keys = list(adapter_parameters(shadow))
-    missing = [k for k in keys if k not in state]
-    if missing:
-        raise MultiLoRAError(f"the trained model's state has no {missing[0]!r} ({len(missing)} adapter tensors "
-                             "missing); cannot save the adapter")
-    shadow.load_state_dict({k: state[k].detach().to("cpu") for k in keys}, strict=False, assign=True)
-    return save_adapter(shadow, out_dir)
-
-
-def _lock_run_dir(run_dir: Path) -> Any:
-    """Hold an exclusive lock for `run_dir` (a file beside it, with our PID); refuse if another process holds it.
-
-    The lock is an flock, so the kernel releases it when its process dies: a stale lock file from a
-    killed run never blocks the next one.
-    """
-    path = run_dir.parent / f".{run_dir.name}.lock"
-    earlier = _HELD_LOCKS.pop(str(path), None)  # left by an earlier train() of this process that raised
-    if earlier is not None:
-        earlier.close()
-    try:
-        run_dir.parent.mkdir(parents=True, exist_ok=True)
-        fh = open(path, "a+")  # noqa: SIM115 -- held until the run ends
-    except OSError as e:  # train() checked the folder first: this is a race or an odd file system
-        raise write_error(path, e, kept="the run did not start",
-                          fix="make the folder writable or set another output_dir") from None
-    try:
-        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        fh.seek(0)
-        owner = fh.read().strip() or "another process"
-        fh.close()
-        raise MultiLoRAError(f"run folder {run_dir} is in use by a training process (pid {owner}, lock {path}); "
-                             "wait for it to finish or choose another output_dir") from None
-    fh.seek(0)
-    fh.truncate()
-    fh.write(str(os.getpid()))
-    fh.flush()
-    _HELD_LOCKS[str(path)] = fh
-    return fh
+    acc, plan, cfg = s.accelerator, s.plan, s.plan.config
+    t0 = time.perf_counter()
+    n_tasks, bs, k = len(plan.tasks), cfg.train.batch_size, cfg.train.grad_accum
+    world, rank = acc.num_processes, acc.process_index
+    n_labels = sum(sum(1 for x in r["labels"][1:] if x != IGNORE) for r in rows)  # global label tokens
+    sums = torch.zeros(n_tasks, dtype=torch.float64, device=acc.device)
+    counts = torch.zeros(n_tasks, dtype=torch.float64, device=acc.device)
+    tokens = 0
+    for micro in range(k):
+        lo = (micro * world + rank) * bs  # this process's slice of micro-batch `micro`
+        mine = rows[lo:lo + bs]
+        batch = {key: v.to(acc.device) for key, v in collate(mine, plan.tokenizer.pad_token_id, plan.tasks).items()}
+        tokens += sum(len(r["input_ids"]) for r in mine)
+        with acc.accumulate(s.model):
+            part_sums, part_counts = token_losses(s.model, batch, n_tasks)
+            # sum over my tokens / all tokens of the step, x world (DDP averages) x k (backward divides)
+            acc.backward(part_sums.sum() * (world * k / n_labels))
+        sums += part_sums.detach().double()
+        counts += part_counts.detach().double()
+    stats = acc.reduce(torch.cat([sums, counts, torch.tensor([float(tokens)], dtype=torch.float64,
+                                                              device=acc.device)]), "sum")
+    sums, counts, tokens = stats[:n_tasks], stats[n_tasks:2 * n_tasks], float(stats[-1])
+    loss = float(sums.sum() / counts.sum())
+    clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
+    grad_norm = float(acc.clip_grad_norm_(s.model.parameters(), clip))
+    # fp16's grad scaler skips steps with overflowing gradients itself; anything else non-finite stops the run
+    if not (math.isfinite(loss) and (math.isfinite(grad_norm) or acc.scaler is not None)):
+        s.optimizer.zero_grad()
+        bad = [t for i, t in enumerate(plan.tasks) if not math.isfinite(float(sums[i]))]
+        raise nonfinite_error(s.run, s.step + 1, loss, grad_norm, bad)
+    lrs = s.scheduler.get_last_lr()
+    s.optimizer.step()
+    s.scheduler.step()
+    s.optimizer.zero_grad()
+    s.step += 1
+    elapsed = time.perf_counter() - t0
+    return {"step": s.step, "loss": loss,
+            **{f"loss/{t}": float(sums[i] / counts[i]) for i, t in enumerate(plan.tasks) if counts[i] > 0},
+            "lr": lrs[0], **{f"lr/{g['name']}": lr for g, lr in zip(plan.param_groups, lrs)},
+            "grad_norm": grad_norm, "tokens": int(tokens), "tokens_per_s": tokens / elapsed}
 
 
-_HELD_LOCKS: dict[str, Any] = {}
-
-
-def _prepare_run_dir(config: TrainConfig, overwrite: bool, is_main: bool) -> Path:
-    run_dir = Path(config.output_dir)
-    if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
-        if not overwrite:
-            raise MultiLoRAError(f"run folder {run_dir} already exists; pass --overwrite to replace it, "
-                                 f"--resume {run_dir} to continue it, or set another output_dir")
-        if is_main:
-            shutil.rmtree(run_dir) if run_dir.is_dir() else run_dir.unlink()
-    return run_dir
-
-
-def resolve_resume(run_dir: str | os.PathLike, config: TrainConfig | None = None,
-                   overrides: list[str] | None = None) -> TrainConfig:
-    """The config of a run to resume: its saved config.yaml (+ overrides); `config`, if given, must agree with it."""
-    run_dir = Path(run_dir)
-    saved_path = run_dir / CONFIG_FILE
-    if not saved_path.is_file():
-        raise MultiLoRAError(f"{run_dir} is not a run folder (no {CONFIG_FILE}); pass the output_dir of an earlier run")
-    saved = load_config(saved_path, overrides)
-    if config is not None:
-        a, b = flatten(saved.to_dict()), flatten(config.to_dict())
-        diff = [k for k in a if k not in RESUMABLE_CHANGES and k != "output_dir" and a[k] != b.get(k)]
-        if diff:
-            raise MultiLoRAError(
-                f"the config differs from the one {run_dir} was trained with at {', '.join(diff)} "
-                f"(e.g. {diff[0]}: saved {a[diff[0]]!r}, given {b.get(diff[0])!r}); resume with the same settings "
-                f"(only {', '.join(RESUMABLE_CHANGES)} may change) or start a new run")
-        saved = config
-    flat = flatten(saved.to_dict())
-    flat["output_dir"] = str(run_dir)
-    return config_from_flat(flat)
+def nonfinite_error(run: Run, step: int, loss: float, grad_norm: float, tasks: list[str]) -> MultiLoRAError:
+    """The message of a run stopped by a NaN/inf loss or gradient norm."""
+    done = run.checkpoints()
+    keep = f"the last good checkpoint is {done[-1][1]}" if done else "no checkpoint was saved yet"
+    return MultiLoRAError(
+        f"non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} at step {step} "
+        f"(loss {loss}, grad norm {grad_norm}{', tasks ' + ', '.join(tasks) if tasks else ''}); "
+        f"the run stopped before updating the weights and {keep}. Lower optim.lr, set "
+        f"optim.grad_clip, or use train.mixed_precision 'no', then --resume {shlex.quote(str(run.path))}")
 
 
 # ----------------------------------------------------------------------------- the loop
+
+
+def run_eval(s: Session) -> None:
+    """Evaluate the model at the current step; log the scores."""
+    if s.evaluate is None:
+        return
+    s.model.eval()
+    scores = s.evaluate(s.model)
+    s.model.train()
+    if s.accelerator.is_main_process:
+        s.run.append_metrics({"step": s.step, "eval": scores})
+    if s.plan.config.train.log_tensorboard:
+        s.accelerator.log({f"eval/{k}": v for k, v in scores.items()}, step=s.step)
+    s.say(f"step {s.step}: eval " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
+
+
+def save_checkpoint(s: Session, started: float) -> Path:
+    """A checkpoint of the session at its current step."""
+    elapsed = s.elapsed_before + time.perf_counter() - started
+    return s.run.save_checkpoint(s.accelerator, s.step, s.plan.sampler.state_dict(), s.plan.config.train.keep_last,
+                                 {"total_steps": s.plan.total_steps, "time": time.time(), "elapsed": elapsed})
+
+
+def log_step(s: Session, record: dict, bar: Any) -> None:
+    """metrics.jsonl (every log_every steps and the last), TensorBoard, the progress bar."""
+    cfg = s.plan.config.train
+    if s.accelerator.is_main_process and (s.step % cfg.log_every == 0 or s.step == s.plan.total_steps):
+        s.run.append_metrics(record)
+    if cfg.log_tensorboard:
+        s.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=s.step)
+    if bar is not None:
+        bar[0].update(bar[1], completed=s.step, loss=record["loss"], tps=record["tokens_per_s"])
 
 
 def train(config: TrainConfig | None, *, resume: str | os.PathLike | None = None, overwrite: bool = False,
@@ -573,215 +448,92 @@ def train(config: TrainConfig | None, *, resume: str | os.PathLike | None = None
 
     `eval_fn(model) -> {name: value}` replaces the held-out loss evaluation; `on_step(step, model,
     record)` is called after every optimizer step. Ctrl-C (or SIGTERM) saves a checkpoint and raises
-    KeyboardInterrupt; a non-finite loss raises MultiLoRAError before the optimizer steps.
+    KeyboardInterrupt; a non-finite loss raises MultiLoRAError before the optimizer steps. The last
+    thing a run writes is finished.json (`Run(folder).finished()`).
     """
-    from accelerate import Accelerator, DataLoaderConfiguration
-    from accelerate.utils import DistributedType
+    started = time.perf_counter()
+    config, run = check_start(config, resume)
+    accelerator = make_accelerator(config)
+    lock = run.lock() if accelerator.is_main_process else None  # held until the run ends
+    try:
+        if resume is None:
+            run.prepare(overwrite, accelerator.is_main_process)
+            accelerator.wait_for_everyone()
+        s = setup(config, accelerator, run, resume is not None, eval_fn)
+        cfg = s.plan.config.train
+        bar = _progress(progress and accelerator.is_main_process, s.plan.total_steps, s.step)
+        with StopRequest(s.say) as stop:
+            try:
+                if resume is None and cfg.eval_every:
+                    run_eval(s)  # the baseline the later evaluations compare to
+                while s.step < s.plan.total_steps:
+                    if _stop_requested(accelerator, stop.requested):
+                        ck = save_checkpoint(s, started)
+                        s.say(f"interrupted at step {s.step}: saved {ck}; continue with "
+                              f"`multilora train --resume {shlex.quote(str(run.path))}`")
+                        raise KeyboardInterrupt
+                    record = train_step(s, next_rows(s, s.plan.global_batch))
+                    log_step(s, record, bar)
+                    if on_step is not None:
+                        on_step(s.step, s.unwrapped, record)
+                    last = s.step == s.plan.total_steps
+                    if (cfg.eval_every and s.step % cfg.eval_every == 0) or last:
+                        run_eval(s)
+                    if (cfg.save_every and s.step % cfg.save_every == 0) or last:
+                        save_checkpoint(s, started)
+                accelerator.wait_for_everyone()
+                run.save_final(accelerator, s.model, s.plan.config, s.plan.tokenizer)
+                if accelerator.is_main_process:
+                    run.mark_finished({"step": s.step, "seconds": s.elapsed_before + time.perf_counter() - started})
+                accelerator.wait_for_everyone()
+                s.say(f"done: {run.path}")
+            finally:
+                if bar is not None:
+                    bar[0].stop()
+                if cfg.log_tensorboard:
+                    accelerator.end_training()
+    finally:
+        if lock is not None:
+            Run.unlock(lock)
+    return run.path
 
+
+def check_start(config: TrainConfig | None, resume: str | os.PathLike | None) -> tuple[TrainConfig, Run]:
+    """The run's config and folder, checked before anything loads (tensorboard there, folder writable, resumable)."""
     if resume is not None:
         config = resolve_resume(resume, config)
     elif config is None:
         raise MultiLoRAError("train() needs a config, or resume= the folder of a run to continue")
     if config.train.log_tensorboard:
         try:
-            import tensorboard  # noqa: F401
+            import tensorboard  # noqa: F401 - only checks that it is installed (accelerate imports it)
         except ImportError:
             raise MultiLoRAError("train.log_tensorboard is on but tensorboard is not installed: "
                                  "pip install tensorboard, or set train.log_tensorboard false") from None
-    run_dir = Path(config.output_dir)
-    check_writable_dir(run_dir, "output_dir")  # now, not after the model is loaded or at the first save
-    try:
-        accelerator = Accelerator(
-            mixed_precision=config.train.mixed_precision, cpu=config.train.cpu,
-            gradient_accumulation_steps=config.train.grad_accum,
-            dataloader_config=DataLoaderConfiguration(split_batches=True),  # scheduler steps once per step
-            log_with="tensorboard" if config.train.log_tensorboard else None, project_dir=str(run_dir),
-        )
-    except ValueError as e:
-        raise MultiLoRAError(f"cannot set up accelerate with train.mixed_precision = "
-                             f"{config.train.mixed_precision!r} ({e}); use 'no' or 'bf16' on CPU") from None
-    lock = _lock_run_dir(run_dir) if accelerator.is_main_process else None  # held until this process exits
-    if resume is None:
-        _prepare_run_dir(config, overwrite, accelerator.is_main_process)
-        accelerator.wait_for_everyone()
-    else:
-        if not checkpoint_dirs(run_dir):
-            raise MultiLoRAError(f"{run_dir} has no complete checkpoint to resume from; start again with --overwrite")
-
-    with accelerator.main_process_first():
-        plan = build_plan(config, accelerator.num_processes)
-    cfg = plan.config
-    model = plan.model
-    optimizer = make_optimizer(plan)
-    scheduler = make_scheduler(optimizer, cfg.optim.schedule, cfg.optim.warmup_steps, plan.total_steps)
-    model.train()
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    unwrapped = accelerator.unwrap_model(model)
-    if accelerator.distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-        _register_state_hooks(accelerator, unwrapped)
-    say = accelerator.print
-
-    step = 0
-    if resume is not None:
-        step, ck = checkpoint_dirs(run_dir)[-1]
-        _verify_checkpoint(ck)
-        try:
-            accelerator.load_state(str(ck))
-            sampler_state = json.loads((ck / SAMPLER_FILE).read_text(encoding="utf-8"))
-        except MultiLoRAError:
-            raise
-        except Exception as e:  # noqa: BLE001 - safetensors / torch / json errors of a damaged checkpoint
-            raise MultiLoRAError(f"checkpoint {ck} cannot be loaded ({type(e).__name__}: "
-                                 f"{' '.join(str(e).split())[:200]}); delete {ck} to resume from the "
-                                 "checkpoint before it") from None
-        plan.sampler.load_state_dict(sampler_state)
-        if accelerator.is_main_process:  # drop records past the checkpoint (the killed run's last steps)
-            kept = [r for r in read_metrics(run_dir) if r.get("step", 0) <= step]
-            write_text_atomic(run_dir / METRICS, "".join(json.dumps(r) + "\n" for r in kept))
-        say(f"resuming {run_dir} from {ck.name}")
-    elif accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(run_dir / CONFIG_FILE, cfg.to_yaml())
-    accelerator.wait_for_everyone()
-    if cfg.train.log_tensorboard:
-        accelerator.init_trackers("tensorboard")
-    say(plan.describe())
-
-    evaluate = eval_fn or heldout_loss_fn(plan, accelerator)
-    tokenized: dict[tuple[str, int], dict] = {}
-    n_tasks, bs, k = len(plan.tasks), cfg.train.batch_size, cfg.train.grad_accum
-    world, rank = accelerator.num_processes, accelerator.process_index
-    stop = {"requested": False}
-
-    def on_signal(signum: int, frame: Any) -> None:
-        if stop["requested"]:  # second Ctrl-C: stop now
-            raise KeyboardInterrupt
-        stop["requested"] = True
-        say(f"\n{signal.Signals(signum).name}: finishing this step and saving a checkpoint "
-            "(Ctrl-C again to quit at once)")
-
-    # Ctrl-C, and SIGTERM (what torchrun / accelerate launch and batch schedulers send), save and stop
-    old_handlers = {}
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        try:
-            old_handlers[sig] = signal.signal(sig, on_signal)
-        except ValueError:  # not the main thread: no handler, signals behave as usual
-            pass
-
-    def run_eval(at: int) -> None:
-        if not (plan.eval_examples or eval_fn):
-            return
-        model.eval()
-        scores = evaluate(model)
-        model.train()
-        if accelerator.is_main_process:
-            _append_jsonl(run_dir / METRICS, {"step": at, "eval": scores})
-        if cfg.train.log_tensorboard:
-            accelerator.log({f"eval/{k}": v for k, v in scores.items()}, step=at)
-        say(f"step {at}: eval " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
-
-    def checkpoint(at: int) -> Path:
-        return _save_checkpoint(accelerator, run_dir, at, plan.sampler, cfg.train.keep_last,
-                                {"total_steps": plan.total_steps, "time": time.time()})
-
-    bar = _progress(progress and accelerator.is_main_process, plan.total_steps, step)
-    try:
-        if resume is None and cfg.train.eval_every:
-            run_eval(0)  # the baseline the later evaluations compare to
-        while step < plan.total_steps:
-            if _stop_requested(accelerator, stop["requested"]):
-                ck = checkpoint(step)
-                say(f"interrupted at step {step}: saved {ck}; continue with `multilora train --resume {run_dir}`")
-                raise KeyboardInterrupt
-            t0 = time.perf_counter()
-            rows = _global_batch(plan, tokenized, bs * k * world)
-            n_labels = sum(sum(1 for x in r["labels"][1:] if x != IGNORE) for r in rows)  # global label tokens
-            sums = torch.zeros(n_tasks, dtype=torch.float64, device=accelerator.device)
-            counts = torch.zeros(n_tasks, dtype=torch.float64, device=accelerator.device)
-            tokens = 0
-            for micro in range(k):
-                lo = (micro * world + rank) * bs  # this process's slice of micro-batch `micro`
-                mine = rows[lo:lo + bs]
-                batch = {key: v.to(accelerator.device)
-                         for key, v in collate(mine, plan.tokenizer.pad_token_id, plan.tasks).items()}
-                tokens += sum(len(r["input_ids"]) for r in mine)
-                with accelerator.accumulate(model):
-                    s, c = token_losses(model, batch, n_tasks)
-                    # sum over my tokens / all tokens of the step, x world (DDP averages) x k (backward divides)
-                    accelerator.backward(s.sum() * (world * k / n_labels))
-                sums += s.detach().double()
-                counts += c.detach().double()
-            stats = accelerator.reduce(torch.cat([sums, counts, torch.tensor([float(tokens)], dtype=torch.float64,
-                                                                              device=accelerator.device)]), "sum")
-            sums, counts, tokens = stats[:n_tasks], stats[n_tasks:2 * n_tasks], float(stats[-1])
-            loss = float(sums.sum() / counts.sum())
-            clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-            grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), clip))
-            # fp16's grad scaler skips steps with overflowing gradients itself; anything else non-finite stops the run
-            grads_ok = math.isfinite(grad_norm) or accelerator.scaler is not None
-            if not (math.isfinite(loss) and grads_ok):
-                optimizer.zero_grad()
-                bad = [t for i, t in enumerate(plan.tasks) if not math.isfinite(float(sums[i]))]
-                raise _nonfinite_error(run_dir, step + 1, loss, grad_norm, bad)
-            lr = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad()
-            step += 1
-            elapsed = time.perf_counter() - t0
-            record = {"step": step, "loss": loss,
-                      **{f"loss/{t}": float(sums[i] / counts[i]) for i, t in enumerate(plan.tasks) if counts[i] > 0},
-                      "lr": lr, "grad_norm": grad_norm, "tokens": int(tokens), "tokens_per_s": tokens / elapsed}
-            if accelerator.is_main_process and (step % cfg.train.log_every == 0 or step == plan.total_steps):
-                _append_jsonl(run_dir / METRICS, record)
-            if cfg.train.log_tensorboard:
-                accelerator.log({k2: v for k2, v in record.items() if k2 != "step"}, step=step)
-            if bar is not None:
-                bar[0].update(bar[1], completed=step, loss=loss, tps=record["tokens_per_s"])
-            if on_step is not None:
-                on_step(step, unwrapped, record)
-            last = step == plan.total_steps
-            if (cfg.train.eval_every and step % cfg.train.eval_every == 0) or last:
-                run_eval(step)
-            if (cfg.train.save_every and step % cfg.train.save_every == 0) or last:
-                checkpoint(step)
-        accelerator.wait_for_everyone()
-        _save_final(plan, accelerator, model, run_dir)
-        accelerator.wait_for_everyone()
-        say(f"done: {run_dir}")
-    finally:
-        if bar is not None:
-            bar[0].stop()
-        for sig, handler in old_handlers.items():
-            signal.signal(sig, handler)
-        if cfg.train.log_tensorboard:
-            accelerator.end_training()
-        if lock is not None:
-            _HELD_LOCKS.pop(lock.name, None)
-            lock.close()
-    return run_dir
+    run = Run(config.output_dir)
+    check_writable_dir(run.path, "output_dir")  # now, not after the model is loaded or at the first save
+    if resume is not None and not run.checkpoints():
+        raise MultiLoRAError(f"{run.path} has no complete checkpoint to resume from; start again with --overwrite")
+    return config, run
 
 
-def _global_batch(plan: Plan, cache: dict[tuple[str, int], dict], n: int) -> list[dict]:
-    """The next `n` draws of the mixture, tokenized (each example once, then cached)."""
-    rows = []
-    for _ in range(n):
-        task, idx = next(plan.sampler)
-        if (task, idx) not in cache:
-            cache[(task, idx)] = _tokenize(plan.train_examples[task][idx], plan.tokenizer, plan.config)
-        rows.append(cache[(task, idx)])
-    return rows
-
-
-def _nonfinite_error(run_dir: Path, step: int, loss: float, grad_norm: float, tasks: list[str]) -> MultiLoRAError:
-    """The message of a run stopped by a NaN/inf loss or gradient norm."""
-    done = checkpoint_dirs(run_dir)
-    keep = f"the last good checkpoint is {done[-1][1]}" if done else "no checkpoint was saved yet"
-    return MultiLoRAError(
-        f"non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} at step {step} "
-        f"(loss {loss}, grad norm {grad_norm}{', tasks ' + ', '.join(tasks) if tasks else ''}); "
-        f"the run stopped before updating the weights and {keep}. Lower optim.lr, set "
-        f"optim.grad_clip, or use train.mixed_precision 'no', then --resume {run_dir}")
+def resolve_resume(run_dir: str | os.PathLike, config: TrainConfig | None = None,
+                   overrides: list[str] | None = None) -> TrainConfig:
+    """The config of a run to resume: its saved config.yaml (+ overrides); `config`, if given, must agree with it."""
+    run = Run(run_dir)
+    saved = run.read_config(overrides)
+    if config is not None:
+        diff = run.config_diff(config, ignore=RESUMABLE_CHANGES)
+        if diff:
+            a, b = {**flatten(TrainConfig().to_dict()), **run.saved_config()}, flatten(config.to_dict())
+            raise MultiLoRAError(
+                f"the config differs from the one {run_dir} was trained with at {', '.join(diff)} "
+                f"(e.g. {diff[0]}: saved {a[diff[0]]!r}, given {b.get(diff[0])!r}); resume with the same settings "
+                f"(only {', '.join(RESUMABLE_CHANGES)} may change) or start a new run")
+        saved = config
+    flat = flatten(saved.to_dict())
+    flat["output_dir"] = str(run_dir)
+    return config_from_flat(flat)
 
 
 def _stop_requested(accelerator: Any, local: bool) -> bool:
@@ -796,8 +548,6 @@ def _progress(enabled: bool, total: int, start: int) -> tuple[Any, Any] | None:
     """A rich progress bar (step, loss, tokens/s, ETA), or None."""
     if not enabled:
         return None
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
     bar = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(),
                    TextColumn("loss {task.fields[loss]:.4f}  {task.fields[tps]:.0f} tok/s"),
                    TextColumn("ETA"), TimeRemainingColumn())

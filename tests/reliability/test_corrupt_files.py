@@ -512,7 +512,8 @@ class _Killed(Exception):
 def killed_run(tiny_dir, tmp_path_factory) -> Path:
     """A run of 4 steps killed during step 3 (after its optimizer step, before its checkpoint): step-1, step-2."""
     from multilora.config import load_config
-    from multilora.train import checkpoint_dirs, train
+    from multilora.run import checkpoint_dirs
+    from multilora.train import train
 
     run = tmp_path_factory.mktemp("runs") / "killed"
 
@@ -534,7 +535,7 @@ def _resume(run: Path):
 
 def test_half_written_newest_checkpoint_is_skipped(killed_run, tmp_path, capsys, tally):
     """A checkpoint without trainer_state.json (written last) is incomplete: resume uses the one before."""
-    from multilora.train import checkpoint_dirs
+    from multilora.run import checkpoint_dirs
 
     for i, (partial_name, via) in enumerate((("step-3", "train"), (".step-3.tmp", "multilora train --resume"))):
         run = copy(killed_run, tmp_path / f"run{i}")

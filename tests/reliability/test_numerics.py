@@ -20,7 +20,8 @@ from multilora.checkpoint import CONFIG_NAME, WEIGHTS_NAME, sha256_file
 from multilora.cli import main
 from multilora.config import load_config
 from multilora.errors import MultiLoRAError
-from multilora.train import checkpoint_dirs, read_metrics, train
+from multilora.run import checkpoint_dirs, read_metrics
+from multilora.train import train
 
 CAT = "non-finite numbers"
 STEPS, BAD = 4, 3  # a 4-step run poisoned at step 3: step-1 and step-2 are the good checkpoints

@@ -1,6 +1,6 @@
 """Faults during writes (issue 10): SIGKILL mid-save, a full disk, an output folder that is not writable.
 
-Writers: the adapter folder (`save_adapter`), a training checkpoint (`_save_checkpoint`), the study
+Writers: the adapter folder (`save_adapter`), a training checkpoint (`Run.save_checkpoint`), the study
 report (`write_report`), JSON/text files (`write_json_atomic` / `write_text_atomic`, which eval,
 analyze, demo and train use) and the model cache (`models._cached_folder`, the writer behind
 `tiny_model_path` and the embedded model's GGUF conversion, tried with the tiny model).
@@ -44,15 +44,7 @@ from multilora import models
 from multilora.cli import main as cli_main
 from multilora.errors import MultiLoRAError
 from multilora.io import write_json_atomic, write_text_atomic
-from multilora.train import (
-    CHECKPOINTS,
-    SAMPLER_FILE,
-    STATE_FILE,
-    _register_state_hooks,
-    _save_checkpoint,
-    checkpoint_dirs,
-    read_metrics,
-)
+from multilora.run import CHECKPOINTS, SAMPLER_FILE, STATE_FILE, Run, checkpoint_dirs, read_metrics, register_state_hooks
 
 FORK = multiprocessing.get_context("fork")
 KILL_TRIALS = 12  # per writer in the default run
@@ -204,11 +196,11 @@ class ReportWriter(Writer):
 
 
 class CheckpointWriter(Writer):
-    """`_save_checkpoint` on a real accelerator (keep_last 2): version k saves step N = k // 2 with every
+    """`Run.save_checkpoint` on a real accelerator (keep_last 2): version k saves step N = k // 2 with every
     trainable tensor filled with N (k even) or N + 0.5 (k odd: the same step saved again, as Ctrl-C
     right after a periodic save does)."""
 
-    name = "training checkpoint (_save_checkpoint)"
+    name = "training checkpoint (Run.save_checkpoint)"
     crash_ks = (1, 2)  # the same step saved again; a new step that deletes the oldest checkpoint
 
     def __init__(self) -> None:
@@ -222,7 +214,7 @@ class CheckpointWriter(Writer):
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
         self.model, self.opt = self.acc.prepare(model, opt)
         self.unwrapped = self.acc.unwrap_model(self.model)
-        _register_state_hooks(self.acc, self.unwrapped)
+        register_state_hooks(self.acc, self.unwrapped)
         sum(p.sum() for p in self.model.parameters() if p.requires_grad).backward()
         self.opt.step()  # optimizer state to save
         self.sampler = MixtureSampler({"a": 5, "b": 7}, seed=3)
@@ -233,7 +225,8 @@ class CheckpointWriter(Writer):
             for p in self.unwrapped.parameters():
                 if p.requires_grad:
                     p.fill_(value)
-        _save_checkpoint(self.acc, d / "run", step, self.sampler, 2, {"total_steps": 10**6, "value": value})
+        Run(d / "run").save_checkpoint(self.acc, step, self.sampler.state_dict(), 2,
+                                       {"total_steps": 10**6, "value": value})
 
     def setup(self, d: Path) -> None:
         self._save(d, 1, 1.0)
@@ -698,19 +691,17 @@ def test_disk_full_while_rewriting_a_report_or_json_keeps_the_old_file(tmp_path,
 
 
 def test_disk_full_while_appending_metrics_names_the_checkpoint_to_resume(tmp_path, monkeypatch, tally):
-    from multilora.train import METRICS, _append_jsonl
-
     run = tmp_path / "run"
     (run / CHECKPOINTS / "step-2").mkdir(parents=True)
     (run / CHECKPOINTS / "step-2" / STATE_FILE).write_text('{"step": 2}')
-    _append_jsonl(run / METRICS, {"step": 1, "loss": 1.0})
+    Run(run).append_metrics({"step": 1, "loss": 1.0})
     monkeypatch.setattr(os, "fsync", _enospc)
     with pytest.raises(MultiLoRAError, match="disk is full") as e:
-        _append_jsonl(run / METRICS, {"step": 3, "loss": 0.5})
+        Run(run).append_metrics({"step": 3, "loss": 0.5})
     monkeypatch.undo()
     assert f"the checkpoint {run / CHECKPOINTS / 'step-2'} is kept; free space and --resume {run}" in str(e.value)
     assert read_metrics(run)[0] == {"step": 1, "loss": 1.0}
-    tally("disk full during write", "metrics.jsonl (_append_jsonl)")
+    tally("disk full during write", "metrics.jsonl (Run.append_metrics)")
 
 
 def test_disk_full_while_building_the_model_cache_is_one_line(tmp_path, monkeypatch, tiny_dir, tally):
