@@ -112,6 +112,30 @@ def test_sft_trainer_lowers_loss_and_saves_adapter_only_checkpoints(tmp_path):
     assert_adapter_only_checkpoint(tmp_path, model, b)
 
 
+def test_full_weight_checkpoints_load_plainly_and_as_the_best_model(tmp_path):
+    """keep_full_weights=True: each checkpoint's model.safetensors loads with a plain from_pretrained (base
+    weights under their own names), and load_best_model_at_end puts the best checkpoint's adapter back."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments, default_data_collator
+
+    tok = embedded_tokenizer()
+    model, b = injected_model(), batch(tok)
+    ds = Dataset.from_dict({k: v.tolist() for k, v in b.items()})
+    args = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4, learning_rate=1e-2,
+        save_strategy="steps", save_steps=2, eval_strategy="steps", eval_steps=2, load_best_model_at_end=True,
+        logging_steps=4, report_to=[], use_cpu=True, seed=0, dataloader_num_workers=0, disable_tqdm=True,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=ds, eval_dataset=ds, data_collator=default_data_collator,
+                      callbacks=[MultiLoRACallback(keep_full_weights=True)])
+    trainer.train()
+    best = Path(trainer.state.best_model_checkpoint)
+    torch.testing.assert_close(logits(model, b), logits(ml.load_adapter(base_model(), best / "adapter"), b),
+                               rtol=0, atol=0)
+    plain = AutoModelForCausalLM.from_pretrained(best).eval()
+    torch.testing.assert_close(logits(plain, b), logits(base_model(), b), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("case", ["no adapter", "load_best_model_at_end"])
 def test_callback_refuses_what_it_cannot_checkpoint(tmp_path, case):
     from transformers import Trainer, TrainingArguments

@@ -6,6 +6,12 @@
 
 The model stays the same `PreTrainedModel`: only the matched linear layers are wrapped in
 `MultiLoRALinear`, and every parameter that is not an adapter parameter is frozen.
+
+`model.save_pretrained(folder)` keeps writing a checkpoint a plain
+`AutoModelForCausalLM.from_pretrained(folder)` loads: `inject` gives the model a `save_pretrained`
+that writes every base layer's tensors under the plain model's names (`q_proj.weight`, not the
+wrapper's `q_proj.base.weight`; see `checkpoint_state_dict`). The model's own `state_dict()` keeps
+the wrapper's names (Accelerate, FSDP and the trainer's checkpoints rely on them).
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import re
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
+import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -168,6 +175,47 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
+def checkpoint_state_dict(model: nn.Module, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The state dict `save_pretrained` writes for an injected model (default: `model.state_dict()`).
+
+    Every base layer's tensors go under the plain model's names (`<path>.weight`, `<path>.bias`), so a
+    plain `from_pretrained` loads them instead of re-initialising them. An unmerged layer's adapter
+    tensors stay under their own keys (`<path>.lora_A`, ...): `from_pretrained` reports them as
+    unexpected and ignores them, and the injected model loads the whole file back (`MultiLoRALinear`
+    maps the plain names to its own). A merged layer's are left out: its weight already holds dW, so a
+    merged model saves as a plain checkpoint.
+    """
+    state = model.state_dict() if state is None else state
+    modules = adapter_modules(model)
+    merged = {f"{path}.{p}" for path, m in modules.items() if m.merged for p in ADAPTER_PARAMS}
+    out = {}
+    for key, value in state.items():
+        if key in merged:
+            continue
+        owner, _, name = key.rpartition(".")  # "<path>.base", "weight" for a base layer's tensor
+        path, _, leaf = owner.rpartition(".")
+        out[f"{path}.{name}" if leaf == "base" and path in modules else key] = value
+    return out
+
+
+class SavePretrained:
+    """`model.save_pretrained` of an injected model: the model class's own, given `checkpoint_state_dict`.
+
+    `inject` installs it as an instance attribute (`unload` removes it); an object holding the model
+    rather than a bound method, so that a deep copy or a pickle of the model saves through its own copy.
+    A caller's `state_dict` (the Trainer passes the one Accelerate gathered) is renamed the same way.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def __call__(self, save_directory, is_main_process: bool = True, state_dict: dict | None = None,
+                 *args, **kwargs):
+        model = self.model
+        return type(model).save_pretrained(model, save_directory, is_main_process,
+                                           checkpoint_state_dict(model, state_dict), *args, **kwargs)
+
+
 def refuse_if_injected(model: nn.Module) -> None:
     """Raise if the model already carries MultiLoRA layers (a second adapter would stack)."""
     if adapter_modules(model):
@@ -200,14 +248,14 @@ def inject(model: nn.Module, config: MultiLoRAConfig, modules: list[str] | None 
         parent = model.get_submodule(parent_path)
         setattr(parent, leaf, MultiLoRALinear(getattr(parent, leaf), **config.layer_options()))
     model.multilora_config = config  # read by save_adapter / export; plain attribute, not saved by HF
+    if hasattr(model, "save_pretrained"):  # a transformers model: keep its checkpoints loadable
+        model.save_pretrained = SavePretrained(model)
     trainable, total = count_parameters(model)
     return InjectSummary(modules=list(modules), trainable=trainable, total=total)
 
 
 def _refuse_non_finite_merge(modules: dict[str, MultiLoRALinear]) -> None:
     """Raise, before any weight changes, if merging some unmerged layer would put NaN/inf into its base weight."""
-    import torch
-
     with torch.no_grad():
         for path, m in modules.items():
             if not m.merged and not torch.isfinite(m.base.weight.float() + m.delta_weight().float()).all():
@@ -250,4 +298,6 @@ def unload(model: nn.Module, merge_first: bool = True) -> nn.Module:
         setattr(model.get_submodule(parent_path), leaf, m.base)
     if hasattr(model, "multilora_config"):
         del model.multilora_config
+    if isinstance(vars(model).get("save_pretrained"), SavePretrained):
+        del model.save_pretrained  # the class's own again
     return model

@@ -29,6 +29,7 @@ Init = Literal["multilora", "lora"]
 Scale = Literal["vector", "scalar", "none"]
 INITS = ("multilora", "lora")
 SCALES = ("vector", "scalar", "none")
+BASE_TENSORS = ("weight", "bias")  # the tensors of an nn.Linear / Conv1D base layer
 
 
 def fuse(
@@ -83,6 +84,8 @@ class MultiLoRALinear(nn.Module):
         self.lora_A, self.lora_B = empty("lora_A"), empty("lora_B")
         self.lora_s = empty("lora_s") if "lora_s" in shapes else None
         self.reset_parameters()
+        # the underscored spelling exists in every torch this project admits (the public alias is newer)
+        self._register_load_state_dict_pre_hook(load_base_under_plain_names, with_module=True)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -149,6 +152,20 @@ class MultiLoRALinear(nn.Module):
             f"d_in={self.d_in}, d_out={self.d_out}, n={self.n}, r={self.r}, alpha={self.alpha}, "
             f"init={self.init}, scale={self.scale}, scale_init={self.scale_init}, merged={self.merged}"
         )
+
+
+def load_base_under_plain_names(module: MultiLoRALinear, state_dict: dict, prefix: str, *_) -> None:
+    """Load pre-hook: take the base layer's tensors from the plain model's keys when the checkpoint has them.
+
+    `save_pretrained` of an injected model writes `<path>.weight` / `<path>.bias` (what a plain model
+    loads), not this layer's `<path>.base.weight`; this maps them back, so such a checkpoint also loads
+    into the injected model (Trainer's resume and load_best_model_at_end). `state_dict` is the copy
+    `load_state_dict` made: renaming in it leaves the caller's dict alone.
+    """
+    for name in BASE_TENSORS:
+        plain, ours = prefix + name, prefix + "base." + name
+        if plain in state_dict and ours not in state_dict:
+            state_dict[ours] = state_dict.pop(plain)
 
 
 def in_out_features(base: nn.Module) -> tuple[int, int]:
