@@ -13,17 +13,8 @@ from safetensors.torch import save_file
 
 import multilora as ml
 from conftest import make_tiny, randomize_adapters
-from multilora.analyze import (
-    add_analyze_arguments,
-    analyze,
-    analyze_run,
-    lowrank_svdvals,
-    module_depth,
-    module_shares,
-    module_type,
-    run_analyze_cli,
-    spectrum_metrics,
-)
+from multilora.analyze import add_analyze_arguments, analyze, analyze_run, run_analyze_cli
+from multilora.spectra import lowrank_svdvals, module_depth, module_shares, module_type, spectrum_metrics, subspace_metrics
 
 
 def rel_close(a: torch.Tensor, b: torch.Tensor, rtol: float) -> bool:
@@ -338,8 +329,6 @@ def test_subspace_metrics_against_w0(multilora_dir, tmp_path):
     u0, s0, vh0 = torch.linalg.svd(w0)
     B, A = u0[:, :2] * s0[:2], vh0[:2]  # dW = top-2 part of W0
     u, sigma, vh = lowrank_svdvals(B, A, vectors=True)
-    from multilora.analyze import subspace_metrics
-
     m = subspace_metrics(u, sigma, vh, w0, 2)
     assert m["w0_overlap"] == pytest.approx(1.0) and m["amplification"] == pytest.approx(1.0)
     assert m["w0_overlap_chance"] == pytest.approx(2 / 64)

@@ -29,8 +29,9 @@ from ._version import __version__
 from .errors import MultiLoRAError
 from .inject import (MultiLoRAConfig, adapter_parameters, inject, linear_layers, refuse_if_injected,
                      unmerged_adapter_modules)
-from .layers import in_out_features, parameter_shapes
+from .interop import PEFT_WEIGHTS_NAME, refuse_pickled_peft
 from .io import WriteError, atomic_path, fsync_dir, read_json_object, write_error, write_json_atomic
+from .layers import in_out_features, parameter_shapes
 
 FORMAT = "multilora-adapter"
 FORMAT_VERSION = 1
@@ -137,8 +138,6 @@ def read_adapter(adapter_dir: str | os.PathLike) -> tuple[dict[str, Any], dict[s
     if not weights.is_file() and (d / PENDING_NAME).is_file():
         weights = d / PENDING_NAME  # a first save killed between its last two renames
     if not weights.is_file():
-        from .export import PEFT_WEIGHTS_NAME, refuse_pickled_peft
-
         refuse_pickled_peft(d)  # a pickled PEFT adapter: say why it is never opened and how to convert it
         if (d / PEFT_WEIGHTS_NAME).is_file():
             raise MultiLoRAError(f"{d} is a PEFT adapter folder ({PEFT_WEIGHTS_NAME}), not a multilora adapter "
@@ -231,7 +230,8 @@ def config_from_meta(meta: dict[str, Any], path: str | os.PathLike = CONFIG_NAME
     """Rebuild the MultiLoRAConfig recorded in an adapter_config.json dict (`path` names it in errors)."""
     try:
         return MultiLoRAConfig(n=meta["n"], r=meta["r"], alpha=meta["alpha"], dropout=meta["dropout"],
-                               init=meta["init"], scale=meta["scale"], targets=meta.get("targets") or meta["modules"])
+                               init=meta["init"], scale=meta["scale"],
+                               targets=meta.get("targets") or meta["modules"])
     except MultiLoRAError as e:
         raise MultiLoRAError(f"{path}: {e}") from None
 

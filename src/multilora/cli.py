@@ -7,69 +7,41 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
 
 from ._version import __version__
 from .analyze import add_analyze_arguments, run_analyze_cli
-from .demo import DEFAULT_STEPS, EVAL_LIMIT, QUICK_EVAL_LIMIT, QUICK_STEPS
+from .demo import DEFAULT_STEPS, EVAL_LIMIT, QUICK_EVAL_LIMIT, QUICK_STEPS, run_demo
 from .errors import MultiLoRAError
 from .evaluate import add_eval_arguments, run_eval_cli
-from .export import add_export_serving_arguments, add_import_peft_arguments, run_export_peft_cli, run_import_peft_cli
+from .export import (OVERWRITE_HELP, add_export_serving_arguments, add_import_peft_arguments, export_merged,
+                     run_export_peft_cli, run_import_peft_cli)
 from .sweep import add_sweep_arguments, run_sweep_cli
+from .tasks import list_tasks
 from .train import add_train_arguments
 
 
 def cmd_export(args: argparse.Namespace) -> None:
     """Export an adapter folder as a PEFT LoRA adapter or as a merged full model."""
-    from .io import check_writable_dir
-
-    check_writable_dir(args.out, "--out folder")  # before the model is loaded
     if args.format == "peft":
         run_export_peft_cli(args)
         return
     if args.pad_to is not None or args.server is not None:
         raise MultiLoRAError("--pad-to and --server apply to --format peft only")
-    from .checkpoint import load_adapter, read_adapter
-    from .inject import unload
-    from .models import load_model
-
-    meta, _ = read_adapter(args.adapter)
-    model_name = args.model or meta.get("base_model", {}).get("name_or_path")
-    if not model_name:
-        raise MultiLoRAError("the adapter does not record its base model; pass --model PATH")
-    model, tokenizer = load_model(model_name)
-    unload(load_adapter(model, args.adapter))  # merge into the base weights, drop the adapter layers
-    out = Path(args.out)
-    try:
-        model.save_pretrained(out)
-        tokenizer.save_pretrained(out)
-    except Exception as e:  # a full disk: one line, not a traceback
-        from .io import failed_write
-
-        error = failed_write(e, f"saving the merged model to {out}", out if out.is_dir() else out.parent,
-                             kept="the merged model there is incomplete",
-                             then=" (or choose another --out) and export again")
-        if error is None:
-            raise
-        raise error from e
+    out = export_merged(args.adapter, args.out, model=args.model, overwrite=args.overwrite)
     print(f"wrote merged model to {out} (load it with AutoModelForCausalLM.from_pretrained)")
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
     """Run the paper's study at small scale on the embedded model."""
-    from .demo import run_demo
-
     run_demo(out_dir=args.out, steps=args.steps, seeds=args.seeds, quick=args.quick, model_name=args.model,
              eval_limit=args.limit, resume=args.resume, overwrite=args.overwrite)
 
 
 def cmd_tasks(args: argparse.Namespace) -> None:
     """Print the task registry: name, family, rows per split, source."""
-    from rich.console import Console
-    from rich.table import Table
-
-    from .tasks import list_tasks
-
     table = Table(title="multilora tasks (data: $MULTILORA_DATA or ../shared/data)")
     for col in ("task", "family", "rows per split", "source", "note"):
         table.add_column(col)
@@ -152,7 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("adapter", help="adapter folder written by multilora")
     p.add_argument("--format", choices=["peft", "merged"], default="peft", help="output format (default: peft)")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--model", default=None, help="base model (default: the one recorded in the adapter)")
+    p.add_argument("--model", default=None,
+                   help="base model (default: the one the adapter's run records, as it was named)")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     add_export_serving_arguments(p)
     p.set_defaults(func=cmd_export)
 

@@ -1,4 +1,4 @@
-"""Export a MultiLoRA adapter as a standard PEFT LoRA adapter (MULTILORA.md §4).
+"""Export a MultiLoRA adapter as a standard PEFT LoRA adapter (MULTILORA.md §4) or as a merged model.
 
 After training, MultiLoRA is a rank-(n r) LoRA:
 
@@ -21,37 +21,41 @@ output. `server="vllm"` pads to the next rank vLLM accepts and returns warnings 
 
 Import (`import_peft`): a PEFT LoRA adapter folder becomes a multilora adapter folder with
 n = 1, init = lora, scale = none, the same r, and alpha chosen so that alpha / r equals PEFT's
-scaling (lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora).
+scaling (lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora). The PEFT folder format itself
+(file names, tensor keys, reading and validating) is defined once, in `interop`.
+
+Merged (`export_merged`): the base model with the adapter's update merged into its weights, as a
+save_pretrained folder (weights + tokenizer).
+
+Every writer here follows one rule for its output folder (`check_out_dir`): an existing non-empty
+folder is refused unless `overwrite`, which replaces it (never a folder that holds an input).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import re
+import shutil
+import sys
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .checkpoint import (
-    FORMAT,
-    read_adapter,
-    write_adapter_folder,
-)
+from . import models  # models.load_model, looked up at call time (tests stub it to catch early model loads)
+from .checkpoint import FORMAT, load_adapter, read_adapter, write_adapter_folder
 from .errors import MultiLoRAError
-from .inject import MultiLoRAConfig, linear_layers, unmerged_adapter_modules
-from .io import atomic_path, read_json_object, write_json_atomic
-from .layers import fuse, in_out_features
+from .inject import MultiLoRAConfig, linear_layers, unload, unmerged_adapter_modules
+from .interop import (PEFT_CONFIG_NAME, PEFT_KEY, lora_config, lora_tensors, read_peft, read_peft_config,
+                      write_peft)
+from .io import check_writable_dir, failed_write, read_json_object
+from .layers import fuse
+from .run import Run
 
-PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
-PEFT_CONFIG_NAME = "adapter_config.json"
 VLLM_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 SERVERS = ("vllm",)
 # last module-name parts that are attention / MLP projections in common HF architectures
@@ -78,14 +82,17 @@ def export_peft(
     *,
     pad_to: int | None = None,
     server: str | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Write a PEFT LoRA adapter (rank n r, or `pad_to`) equivalent to the MultiLoRA adapter in `source`.
 
     `source` is an injected model or an adapter folder written by `save_adapter`. `server="vllm"`
     pads to the next rank vLLM accepts (unless `pad_to` is given) and `warnings.warn`s what vLLM
-    would reject; use `export_serving` to get those warnings as a list.
+    would reject; use `export_serving` to get those warnings as a list. A non-empty `out_dir` is
+    refused unless `overwrite`.
     """
-    out, _ = _export_peft(source, out_dir, base_model_name_or_path, pad_to=pad_to, server=server, emit=True)
+    out, _ = _export_peft(source, out_dir, base_model_name_or_path, pad_to=pad_to, server=server,
+                          overwrite=overwrite, emit=True)
     return out
 
 
@@ -95,9 +102,82 @@ def export_serving(
     server: str = "vllm",
     pad_to: int | None = None,
     base_model_name_or_path: str | None = None,
+    overwrite: bool = False,
 ) -> tuple[Path, list[str]]:
     """Export for a LoRA server: (output folder, warnings about what the server would reject)."""
-    return _export_peft(source, out_dir, base_model_name_or_path, pad_to=pad_to, server=server, emit=True)
+    return _export_peft(source, out_dir, base_model_name_or_path, pad_to=pad_to, server=server,
+                        overwrite=overwrite, emit=True)
+
+
+def export_merged(
+    adapter_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    model: str | os.PathLike | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write the base model with the adapter in `adapter_dir` merged into its weights (a save_pretrained
+    folder: weights + tokenizer) to `out_dir`; returns it.
+
+    The base model is `model`, else the one the adapter's run records (`Run.base_model`: config.yaml's
+    `model` as the user named it, else adapter_config.json). A non-empty `out_dir` is refused unless
+    `overwrite`.
+    """
+    adapter = Path(adapter_dir)
+    base = model or Run(adapter).base_model()
+    reads = [adapter, models.cache_dir()] + ([Path(base).expanduser()] if base else [])
+    check_out_dir(out_dir, overwrite, reads)  # before the model is loaded
+    read_adapter(adapter)  # a damaged adapter is refused before the base model is loaded
+    if not base:
+        raise MultiLoRAError(f"the adapter {adapter} does not record its base model; pass --model PATH")
+    net, tokenizer = models.load_model(base)
+    unload(load_adapter(net, adapter))  # merge into the base weights, drop the adapter layers
+    out = Path(out_dir)
+    clear_out_dir(out, overwrite)
+    try:
+        net.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+    except Exception as e:  # a full disk: one line, not a traceback
+        error = failed_write(e, f"saving the merged model to {out}", out if out.is_dir() else out.parent,
+                             kept="the merged model there is incomplete",
+                             then=" (or choose another --out) and export again")
+        if error is None:
+            raise
+        raise error from e
+    return out
+
+
+# --------------------------------------------------------------------------- output folders
+
+
+def check_out_dir(out_dir: str | os.PathLike, overwrite: bool, reads: Sequence[str | os.PathLike] = ()) -> None:
+    """The rule for every folder an export or import writes: it must be writable, and an existing non-empty
+    one is refused unless `overwrite` (which may not replace a folder holding one of the inputs `reads`).
+
+    Call it before the work; `clear_out_dir` then empties the folder just before writing.
+    """
+    out = Path(out_dir)
+    check_writable_dir(out, "--out folder")
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        return
+    if not overwrite:
+        what = "is not empty" if out.is_dir() else "is a file"
+        raise MultiLoRAError(f"{out} already exists and {what}; pass --overwrite to replace it or choose another --out")
+    for src in reads:
+        src = Path(src).resolve()
+        if src == out.resolve() or out.resolve() in src.parents:
+            raise MultiLoRAError(f"--out {out} holds the input {src}, which --overwrite would delete; choose "
+                                 "another --out")
+
+
+def clear_out_dir(out_dir: str | os.PathLike, overwrite: bool) -> None:
+    """With `overwrite`, delete `out_dir` (a folder or a file) so the export starts from an empty folder."""
+    out = Path(out_dir)
+    if not overwrite or not out.exists():
+        return
+    if out.is_dir() and not out.is_symlink():
+        shutil.rmtree(out)
+    else:
+        out.unlink()
 
 
 def serving_rank(rank: int, server: str = "vllm") -> int:
@@ -126,7 +206,7 @@ def check_vllm(config: dict[str, Any], tensor_keys: list[str]) -> list[str]:
                         "class; check that yours supports LoRA")
     odd = {}
     for key in tensor_keys:
-        m = _PEFT_KEY.match(key)
+        m = PEFT_KEY.match(key)
         path = m.group(1) if m else key
         leaf = path.rsplit(".", 1)[-1]
         if "lora_embedding" in key or leaf in ("lm_head", "embed_tokens", "wte", "wpe", "embed_out"):
@@ -159,15 +239,18 @@ def _export_peft(
     *,
     pad_to: int | None,
     server: str | None,
+    overwrite: bool,
     emit: bool,
 ) -> tuple[Path, list[str]]:
     _check_server(server)
     if pad_to is not None and (not isinstance(pad_to, int) or isinstance(pad_to, bool) or pad_to < 1):
         raise MultiLoRAError(f"pad_to must be a positive integer rank, got {pad_to!r}")
     if isinstance(source, nn.Module):
+        check_out_dir(out_dir, overwrite)
         factors, fan_in_fan_out, base_name, all_linear = _factors_from_model(source)
     else:
         _refuse_same_folder(Path(source), out_dir)
+        check_out_dir(out_dir, overwrite, reads=[source])
         factors, fan_in_fan_out, base_name = _factors_from_folder(source)
         all_linear = None
     ranks = {a.shape[0] for a, _ in factors.values()}
@@ -178,37 +261,21 @@ def _export_peft(
             f"pad_to = {target} is smaller than the adapter's rank n*r = {rank}; padding cannot drop rank, "
             f"use pad_to >= {rank}"
         )
-    tensors = {}
+    padded = {}
     for path, (a_cat, b_s) in factors.items():
         a = a_cat.detach().to("cpu")  # (n r, d_in)
         b = b_s.detach().to("cpu")  # (d_out, n r)
         if target > rank:  # zero rows of A / columns of B add nothing to B A: lossless
             a = torch.cat([a, a.new_zeros(target - rank, a.shape[1])], dim=0)  # (R', d_in)
             b = torch.cat([b, b.new_zeros(b.shape[0], target - rank)], dim=1)  # (d_out, R')
-        tensors[f"base_model.model.{path}.lora_A.weight"] = a.contiguous()
-        tensors[f"base_model.model.{path}.lora_B.weight"] = b.contiguous()
-    config = {
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": base_model_name_or_path or base_name or None,
-        "r": target,
-        "lora_alpha": target,  # scaling = lora_alpha / r = 1: alpha / r is already inside lora_B
-        "lora_dropout": 0.0,
-        "target_modules": peft_target_modules(list(factors), all_linear),
-        "bias": "none",
-        "fan_in_fan_out": fan_in_fan_out,
-        "use_rslora": False,
-        "use_dora": False,
-        "init_lora_weights": True,
-        "inference_mode": True,
-        "modules_to_save": None,
-        "revision": None,
-    }
+        padded[path] = (a, b)
+    tensors = lora_tensors(padded)
+    # r = lora_alpha = R': PEFT's scaling is 1, alpha / r is already inside lora_B
+    config = lora_config(target, peft_target_modules(list(factors), all_linear), fan_in_fan_out,
+                         base_model_name_or_path or base_name)
     found = check_vllm(config, list(tensors)) if server == "vllm" else []
-    out = Path(out_dir)
-    with atomic_path(out / PEFT_WEIGHTS_NAME) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
-    write_json_atomic(out / PEFT_CONFIG_NAME, config)
+    clear_out_dir(out_dir, overwrite)
+    out = write_peft(out_dir, tensors, config)
     if emit:
         for w in found:
             warnings.warn(f"{server}: {w}", stacklevel=3)
@@ -241,119 +308,29 @@ def _factors_from_folder(adapter_dir: str | os.PathLike) -> tuple[dict[str, Any]
     return factors, meta["fan_in_fan_out"], base.get("name_or_path", "")
 
 
-# --------------------------------------------------------------------------- PEFT adapters we read
-
-PICKLED_PEFT_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth", "adapter_model.ckpt")
-
-
-def refuse_pickled_peft(folder: str | os.PathLike) -> None:
-    """Raise if `folder` holds a pickled PEFT adapter (adapter_model.bin) but no adapter_model.safetensors.
-
-    Pickle files can run arbitrary code when loaded, so they are never opened: the message says how
-    to convert one to safetensors in an environment the user trusts.
-    """
-    d = Path(folder)
-    if (d / PEFT_WEIGHTS_NAME).is_file():
-        return
-    found = next((name for name in PICKLED_PEFT_NAMES if (d / name).is_file()), None)
-    if found is None:
-        return
-    raise MultiLoRAError(
-        f"{d / found} is a pickle file and {d} has no {PEFT_WEIGHTS_NAME}: multilora never loads pickles "
-        "(unpickling an untrusted file can run arbitrary code). Convert it to safetensors once, where you "
-        f"trust the file: peft.PeftModel.from_pretrained(base_model, '{d}').save_pretrained(OUT, "
-        f"safe_serialization=True), or safetensors.torch.save_file(torch.load('{d / found}', weights_only=True), "
-        f"'{d / PEFT_WEIGHTS_NAME}'); then use the safetensors folder"
-    )
-
-
-def check_peft_for_model(folder: str | os.PathLike, cfg: dict[str, Any], model: nn.Module) -> dict[str, torch.Tensor]:
-    """Check a PEFT adapter's LoRA tensors against `model` before peft loads them; returns the tensors.
-
-    Refuses, naming the file, a pickled adapter, an unreadable tensor file, a LoRA tensor for a
-    module the model lacks or whose shape does not fit it, and a rank that disagrees with `r`.
-    """
-    d = Path(folder)
-    refuse_pickled_peft(d)
-    weights = d / PEFT_WEIGHTS_NAME
-    if not weights.is_file():
-        raise MultiLoRAError(f"{weights} is missing: a PEFT adapter folder holds {PEFT_WEIGHTS_NAME} and {PEFT_CONFIG_NAME}")
-    try:
-        tensors = load_file(str(weights))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise MultiLoRAError(f"{weights} is not a readable safetensors file ({e})") from None
-    modules = dict(model.named_modules())
-    made_for = cfg.get("base_model_name_or_path") or "another model"
-    r = cfg.get("r")
-    pairs: dict[str, dict[str, torch.Tensor]] = {}
-    for key, t in tensors.items():
-        m = _PEFT_KEY.match(key)
-        if m is None:
-            continue  # other PEFT tensors (DoRA magnitudes, embeddings): peft itself checks those
-        path = m.group(1)
-        if path not in modules:
-            raise MultiLoRAError(f"{weights}: tensor {key!r} is for module {path!r}, which this "
-                                 f"{type(model).__name__} does not have: the adapter was made for {made_for}")
-        pairs.setdefault(path, {})[m.group(2)] = t
-    for path, ab in pairs.items():
-        a, b = ab.get("A"), ab.get("B")
-        if a is None or b is None:
-            side = "A" if a is None else "B"
-            raise MultiLoRAError(f"{weights}: tensor 'base_model.model.{path}.lora_{side}.weight' is missing; "
-                                 "the adapter is incomplete")
-        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
-            raise MultiLoRAError(f"{weights}: module {path!r} has lora_A {tuple(a.shape)} and lora_B "
-                                 f"{tuple(b.shape)}, which do not multiply; the adapter is corrupt")
-        if not cfg.get("rank_pattern") and isinstance(r, int) and a.shape[0] != r:
-            raise MultiLoRAError(f"{weights}: module {path!r} has rank {a.shape[0]} (lora_A {tuple(a.shape)}), "
-                                 f"inconsistent with r = {r} in {d / PEFT_CONFIG_NAME}")
-        try:
-            d_in, d_out = in_out_features(modules[path])
-        except MultiLoRAError:
-            continue  # not a linear layer: peft decides
-        if a.shape[1] != d_in or b.shape[0] != d_out:
-            raise MultiLoRAError(f"{weights}: module {path!r} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} "
-                                 f"but this {type(model).__name__}'s layer maps {d_in} -> {d_out} features: the "
-                                 f"adapter was made for {made_for}")
-        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
-            raise MultiLoRAError(f"{weights}: module {path!r} holds NaN or inf values; the adapter is corrupt")
-    return tensors
-
-
 # --------------------------------------------------------------------------- PEFT import
-
-_PEFT_KEY = re.compile(r"^base_model\.model\.(.+)\.lora_([AB])\.weight$")
 
 
 def import_peft(
     peft_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
     base_model_name_or_path: str | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Turn a PEFT LoRA adapter folder into a multilora adapter folder (n = 1, LoRA init); returns out_dir.
 
     Refuses, naming the field, anything that is not plain LoRA on linear layers: another peft_type,
     use_dora, modules_to_save, bias, per-module ranks/alphas that differ, missing or mis-shaped tensors.
+    A non-empty `out_dir` is refused unless `overwrite`.
     """
     d = Path(peft_dir)
-    cfg_path, weights = d / PEFT_CONFIG_NAME, d / PEFT_WEIGHTS_NAME
-    if not d.is_dir():
-        raise MultiLoRAError(f"PEFT adapter folder {d} does not exist")
-    if not weights.is_file():
-        refuse_pickled_peft(d)
-        raise MultiLoRAError(f"{weights} is missing: a PEFT adapter folder holds {PEFT_WEIGHTS_NAME} and {PEFT_CONFIG_NAME}")
-    if not cfg_path.is_file():
-        raise MultiLoRAError(f"{cfg_path} is missing: a PEFT adapter folder holds {PEFT_WEIGHTS_NAME} and {PEFT_CONFIG_NAME}")
-    cfg = read_json_object(cfg_path)
+    cfg = read_peft_config(d)
     if cfg.get("format") == FORMAT:
         raise MultiLoRAError(f"{d} is already a multilora adapter folder; use it directly")
     _refuse_same_folder(d, out_dir)
-    r, alpha = _check_peft_config(cfg, cfg_path)
-    try:
-        raw = load_file(str(weights))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise MultiLoRAError(f"{weights} is not a readable safetensors file ({e})") from None
-    tensors = _peft_tensors(raw, r, weights)
+    check_out_dir(out_dir, overwrite, reads=[d])
+    r, alpha = _check_peft_config(cfg, d / PEFT_CONFIG_NAME)
+    tensors = _our_tensors(read_peft(d, cfg))
     modules = list(dict.fromkeys(k.rsplit(".", 1)[0] for k in tensors))
     config = MultiLoRAConfig.lora(r=r, alpha=alpha, dropout=float(cfg.get("lora_dropout") or 0.0), targets=modules)
     base = {"name_or_path": base_model_name_or_path or cfg.get("base_model_name_or_path") or "", "model_type": None,
@@ -361,6 +338,7 @@ def import_peft(
     extra = {"imported_from": {"format": "peft", "peft_version": (cfg.get("auto_mapping") or {}).get("peft_version")
                                or cfg.get("peft_version"), "lora_alpha": cfg.get("lora_alpha"),
                                "use_rslora": bool(cfg.get("use_rslora"))}}
+    clear_out_dir(out_dir, overwrite)
     return write_adapter_folder(out_dir, config, tensors, modules, bool(cfg.get("fan_in_fan_out")), base, extra)
 
 
@@ -399,46 +377,38 @@ def _check_peft_config(cfg: dict[str, Any], path: Path) -> tuple[int, float]:
     return r, scaling * r  # our scaling alpha / r == PEFT's scaling
 
 
-def _peft_tensors(raw: dict[str, torch.Tensor], r: int, weights: Path) -> dict[str, torch.Tensor]:
-    """PEFT keys -> ours: lora_A.weight (r, d_in) -> lora_A (1, r, d_in); lora_B.weight (d_out, r) -> lora_B (1, d_out, r)."""
-    pairs: dict[str, dict[str, torch.Tensor]] = {}
-    for key, t in raw.items():
-        m = _PEFT_KEY.match(key)
-        if m is None:
-            raise MultiLoRAError(f"{weights}: tensor {key!r} is not a LoRA factor of a linear layer "
-                                 "(expected base_model.model.<module>.lora_A|lora_B.weight); only plain LoRA can be imported")
-        pairs.setdefault(m.group(1), {})[m.group(2)] = t
-    if not pairs:
-        raise MultiLoRAError(f"{weights} holds no LoRA tensors")
+def _our_tensors(adapter: Any) -> dict[str, torch.Tensor]:
+    """PEFT factors -> ours: lora_A.weight (r, d_in) -> lora_A (1, r, d_in); lora_B.weight (d_out, r) -> lora_B (1, d_out, r)."""
+    if adapter.other_keys:
+        raise MultiLoRAError(f"{adapter.weights}: tensor {adapter.other_keys[0]!r} is not a LoRA factor of a linear "
+                             "layer (expected base_model.model.<module>.lora_A|lora_B.weight); only plain LoRA can be "
+                             "imported")
+    if not adapter.modules:
+        raise MultiLoRAError(f"{adapter.weights} holds no LoRA tensors")
     out = {}
-    for path, ab in pairs.items():
-        for side in "AB":
-            if side not in ab:
-                raise MultiLoRAError(f"{weights}: tensor 'base_model.model.{path}.lora_{side}.weight' is missing "
-                                     f"(its lora_{'B' if side == 'A' else 'A'} is there); the adapter is incomplete")
-        a, b = ab["A"], ab["B"]
-        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != r or b.shape[1] != r:
-            raise MultiLoRAError(f"{weights}: module {path!r} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}, "
-                                 f"inconsistent with r = {r} in {PEFT_CONFIG_NAME} (expected (r, d_in) and (d_out, r))")
-        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
-            raise MultiLoRAError(f"{weights}: module {path!r} holds NaN or inf values; the adapter is corrupt")
-        out[f"{path}.lora_A"] = a.unsqueeze(0)  # (1, r, d_in)
-        out[f"{path}.lora_B"] = b.unsqueeze(0)  # (1, d_out, r)
+    for path, f in adapter.modules.items():
+        out[f"{path}.lora_A"] = f.a.unsqueeze(0)  # (1, r, d_in)
+        out[f"{path}.lora_B"] = f.b.unsqueeze(0)  # (1, d_out, r)
     return out
 
 
 # --------------------------------------------------------------------------- CLI helpers (wired in cli.py)
+
+OVERWRITE_HELP = "replace --out if it exists and is not empty (default: refuse)"
+
 
 def add_import_peft_arguments(p: argparse.ArgumentParser) -> None:
     """Arguments of `multilora import-peft`."""
     p.add_argument("peft_dir", help="PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors)")
     p.add_argument("--out", required=True, help="output multilora adapter folder")
     p.add_argument("--model", default=None, help="base model to record (default: PEFT's base_model_name_or_path)")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
 
 
 def run_import_peft_cli(args: argparse.Namespace) -> None:
     """Run `multilora import-peft` from parsed arguments."""
-    out = import_peft(args.peft_dir, args.out, base_model_name_or_path=args.model)
+    out = import_peft(args.peft_dir, args.out, base_model_name_or_path=args.model,
+                      overwrite=getattr(args, "overwrite", False))
     print(f"wrote multilora adapter (n = 1, LoRA) to {out}; use it with multilora eval/analyze/export or load_adapter")
 
 
@@ -452,11 +422,10 @@ def add_export_serving_arguments(p: argparse.ArgumentParser) -> None:
 
 def run_export_peft_cli(args: argparse.Namespace) -> None:
     """Run `multilora export --format peft` (with the serving flags) and print warnings to stderr."""
-    import sys
-
     out, found = _export_peft(args.adapter, args.out, args.model, pad_to=getattr(args, "pad_to", None),
-                              server=getattr(args, "server", None), emit=False)
+                              server=getattr(args, "server", None), overwrite=getattr(args, "overwrite", False),
+                              emit=False)
     for w in found:
         print(f"multilora export: warning: {args.server}: {w}", file=sys.stderr)
-    rank = json.loads((Path(out) / PEFT_CONFIG_NAME).read_text(encoding="utf-8"))["r"]
+    rank = read_json_object(Path(out) / PEFT_CONFIG_NAME)["r"]
     print(f"wrote PEFT LoRA adapter (rank {rank}) to {out} (load it with peft.PeftModel.from_pretrained)")
