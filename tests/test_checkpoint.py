@@ -149,3 +149,17 @@ def test_resaving_replaces_files_atomically(tmp_path, monkeypatch):
     assert (folder / "adapter.safetensors").read_bytes() == before  # the old adapter survives
     assert not list(folder.glob(".*tmp"))
     ml.load_adapter(make_tiny("llama"), folder)  # and still loads
+
+
+def test_scale_init_survives_a_load_save_round_trip(tmp_path):
+    """Regression: config_from_meta dropped scale_init, so a loaded adapter re-saved as `scale_init: null`."""
+    _, folder = saved(tmp_path, config=ml.MultiLoRAConfig(n=2, r=4, scale_init=0.5, targets=["q_proj"]))
+    assert json.loads((folder / "adapter_config.json").read_text())["scale_init"] == 0.5
+    model = ml.load_adapter(make_tiny("llama"), folder)
+    assert model.multilora_config.scale_init == 0.5
+    ml.save_adapter(model, tmp_path / "again")
+    first = json.loads((folder / "adapter_config.json").read_text())
+    again = json.loads((tmp_path / "again" / "adapter_config.json").read_text())
+    assert again["scale_init"] == 0.5
+    assert {k: v for k, v in again.items() if k != "weights_sha256"} == \
+        {k: v for k, v in first.items() if k != "weights_sha256"}  # the round trip changes no metadata

@@ -230,7 +230,7 @@ def config_from_meta(meta: dict[str, Any], path: str | os.PathLike = CONFIG_NAME
     """Rebuild the MultiLoRAConfig recorded in an adapter_config.json dict (`path` names it in errors)."""
     try:
         return MultiLoRAConfig(n=meta["n"], r=meta["r"], alpha=meta["alpha"], dropout=meta["dropout"],
-                               init=meta["init"], scale=meta["scale"],
+                               init=meta["init"], scale=meta["scale"], scale_init=meta.get("scale_init"),
                                targets=meta.get("targets") or meta["modules"])
     except MultiLoRAError as e:
         raise MultiLoRAError(f"{path}: {e}") from None
