@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from multilora.report import task_table, verdict
+import matplotlib
+
+from multilora.report import loss_curves_png, task_table, verdict, write_report
 
 
 def result(acc: dict[str, float], ppl: float = 10.0, n: int = 400) -> dict:
@@ -57,3 +59,33 @@ def test_loss_trend_sentence_names_a_method_whose_loss_rose():
     s["methods"] = {"lora": {"train_loss": [[2.0, 2.0, 1.0, 1.0]]}, "multilora": {"train_loss": [[2.0, 2.0, 3.0, 3.0]]}}
     text = verdict(s)
     assert "lora 2.00 → 1.00, multilora 2.00 → 3.00" in text and "It rose for multilora" in text
+
+
+def test_a_smoke_test_judges_no_claim():
+    s = study(ml_acc=0.80, lora_acc=0.60, full_acc=0.62, ml_top1=0.15, lora_top1=0.7)  # numbers that would "support"
+    s["smoke_test"] = True
+    text = verdict(s)
+    assert text.startswith("**Smoke test: no verdict") and "supported" not in text
+
+
+def test_a_report_of_a_smoke_test_says_so_and_judges_no_claim(tmp_path):
+    s = study(ml_acc=0.80, lora_acc=0.60, full_acc=0.62, ml_top1=0.15, lora_top1=0.7)
+    s.update(smoke_test=True, model="tiny", tasks=["rte", "alpaca"], steps=4, batch_size=4, max_len=64,
+             mixture="proportional", eval_limit=8, mmlu_per_subject=1, data_sizes={"rte": {"train": 10, "eval": 8}},
+             timings={"train": 1.0, "eval": 1.0, "analyze": 1.0, "total": 3.0},
+             methods={m: {"trainable": 10, "share": 0.1, "seconds": [1.0], "lr": 1e-3, "train_loss": [[2.0, 1.0]]}
+                      for m in ("lora", "multilora", "full")})
+    report = write_report(s, tmp_path).read_text()
+    assert "Smoke test: no verdict" in report and "supported" not in report
+
+
+def test_the_loss_plot_leaves_matplotlibs_backend_alone(tmp_path):
+    """The plot draws with the Figure API: pyplot's global backend is the caller's business."""
+    old = matplotlib.get_backend()
+    matplotlib.use("svg")
+    try:
+        loss_curves_png({"methods": {"lora": {"train_loss": [[2.0, 1.5, 1.0]]}}}, tmp_path / "loss.png")
+        assert matplotlib.get_backend() == "svg"
+    finally:
+        matplotlib.use(old)
+    assert (tmp_path / "loss.png").read_bytes()[:4] == b"\x89PNG"

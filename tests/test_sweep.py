@@ -1,5 +1,6 @@
 """`multilora sweep` on a tiny random Llama: grid parsing, validation before any training, a 2 x 2 sweep whose
-sweep.csv holds each run folder's numbers, skipping / resuming runs, refusing a changed config, CLI errors."""
+sweep.csv holds each run folder's numbers, skipping / resuming runs (also folders of the old version, marked
+finished by sweep_run.json), refusing a changed config, CLI errors."""
 
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ import multilora.analyze
 from multilora import sweep
 from multilora.cli import main
 from multilora.errors import MultiLoRAError
+from multilora.run import FINISHED, Run, checkpoint_dirs, read_metrics
 from multilora.sweep import combination_label, expand_grid, run_sweep, short_names, split_values, summarize
-from multilora.train import checkpoint_dirs, read_metrics
 
 GRID = [["adapter.n=1,2", "adapter.init=multilora,lora"]]
 NAMES = ["n=1__init=multilora__seed=0", "n=1__init=lora__seed=0", "n=2__init=multilora__seed=0",
@@ -160,7 +161,7 @@ def test_sweep_csv_holds_one_row_per_run_with_each_run_folders_numbers(done):
         assert float(row["effective_rank"]) == analysis[row["run"]]["effective_rank"]
         assert float(row["top1_share"]) == analysis[row["run"]]["energy_top1"]
         assert int(row["trainable_params"]) == sum(t.numel() for t in load_file(run / "adapter.safetensors").values())
-        marker = json.loads((run / sweep.DONE_FILE).read_text())
+        marker = Run(run).finished()  # train's finished.json
         assert float(row["train_seconds"]) == marker["seconds"] > 0
     n1, n2 = int(rows[0]["trainable_params"]), int(rows[2]["trainable_params"])
     assert n2 == 2 * n1  # n = 2 modules of the same rank: twice the adapter
@@ -207,9 +208,9 @@ def test_unfinished_runs_are_resumed_restarted_or_trained_and_reevaluated(done, 
     copy = tmp_path / "copy"
     shutil.copytree(out, copy)
     resumed, restarted, missing, kept = (copy / "runs" / n for n in NAMES)
-    (resumed / sweep.DONE_FILE).unlink()  # killed after its last checkpoint
+    (resumed / FINISHED).unlink()  # killed after its last checkpoint
     assert checkpoint_dirs(resumed)
-    (restarted / sweep.DONE_FILE).unlink()
+    (restarted / FINISHED).unlink()
     shutil.rmtree(restarted / "checkpoints")  # killed before its first checkpoint
     shutil.rmtree(missing)
     kept_eval = (kept / "eval.json").stat().st_mtime_ns
@@ -221,10 +222,28 @@ def test_unfinished_runs_are_resumed_restarted_or_trained_and_reevaluated(done, 
     assert by_folder[resumed.name]["args"][0] is None and Path(by_folder[resumed.name]["resume"]) == resumed
     assert by_folder[restarted.name]["overwrite"] is True and by_folder[restarted.name].get("resume") is None
     assert by_folder[missing.name]["overwrite"] is False
-    assert all((copy / "runs" / n / sweep.DONE_FILE).is_file() for n in NAMES)
+    assert all((copy / "runs" / n / FINISHED).is_file() for n in NAMES)
     assert (kept / "eval.json").stat().st_mtime_ns == kept_eval  # untouched run: cached evaluation
     assert json.loads((resumed / "eval.json").read_text())["sweep"] != json.loads(resumed_eval)["sweep"]
     assert len(read_csv(copy / "sweep.csv")) == 4
+
+
+def test_runs_of_the_old_version_marked_by_sweep_run_json_are_reused(done, tmp_path, monkeypatch):
+    """A sweep written before train wrote finished.json: its runs are finished by sweep_run.json."""
+    base, out, _ = done
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    for name in NAMES:
+        run = copy / "runs" / name
+        record = json.loads((run / FINISHED).read_text())
+        (run / "sweep_run.json").write_text(json.dumps({"seconds": 1.5, "finished": record["finished"]}))
+        (run / FINISHED).unlink()
+    trains = count_calls(monkeypatch, "train", real=False)
+    evals = count_calls(monkeypatch, "evaluate", real=False)
+    run_sweep(base, GRID, out_dir=copy, limit=2, progress=False)
+    assert trains == [] and evals == []  # same finished time: the eval.json files stay valid too
+    assert [float(r["train_seconds"]) for r in read_csv(copy / "sweep.csv")] == [1.5] * 4
+    assert not any((copy / "runs" / n / FINISHED).exists() for n in NAMES)
 
 
 def test_a_changed_base_config_is_refused_naming_the_run_and_key(done, tiny_dir, tmp_path, monkeypatch):

@@ -12,6 +12,7 @@ Blocks: <!-- demo:start/end -->, <!-- bench-layer:start/end --> and <!-- sweep:s
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import platform
 import re
@@ -33,6 +34,8 @@ def demo_block(run: Path) -> str:
     """README text for a finished demo folder: verdict, per-task table, one spectra figure, wall time."""
     report = (run / "report.md").read_text(encoding="utf-8")
     study = json.loads((run / "study.json").read_text(encoding="utf-8"))
+    if study.get("smoke_test"):
+        raise SystemExit(f"{run} is a --quick smoke test (tiny random model), not results; run `multilora demo`")
     verdict = report.split("## What was run")[0].split("\n", 1)[1].strip()
     docs = ROOT / "docs"
     docs.mkdir(exist_ok=True)
@@ -40,8 +43,6 @@ def demo_block(run: Path) -> str:
     shutil.copyfile(run / "loss_curves.png", docs / "demo-loss.png")
     t = study["timings"]
     date = run.stat().st_mtime
-    import datetime
-
     when = datetime.datetime.fromtimestamp(date, datetime.timezone.utc).strftime("%Y-%m-%d")
     wall = (f"{t['total'] / 60:.1f} min wall time (training {t['train']:.0f} s, evaluation {t['eval']:.0f} s, "
             f"analysis {t['analyze']:.0f} s)" + (f", after a one-time model conversion of {t['convert']:.0f} s"

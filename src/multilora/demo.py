@@ -7,14 +7,16 @@
     4. analyze the three updates' singular-value spectra
     5. write report.md (tables, plots, and a verdict on the paper's two claims computed from them)
 
-Each stage is the library's own command (train, evaluate, analyze), so the demo is also an example
-of using them from Python. `recipes/demo-*.yaml` hold the same training configs.
+The study is a fixed grid over `method` (x seeds) run by the sweep's stages (sweep.train_run,
+sweep.evaluate_target, sweep.analyze_runs), which call the library's own train, evaluate and analyze;
+`recipes/demo-*.yaml` hold the same training configs. `--quick` is a smoke test on a tiny random model:
+its report says so and judges no claim.
 """
 
 from __future__ import annotations
 
 import datetime
-import json
+import math
 import shutil
 import statistics
 import time
@@ -28,27 +30,28 @@ from rich.table import Table
 
 from .config import TrainConfig, config_from_dict
 from .errors import MultiLoRAError
+from .evaluate import EVAL_NAME
 from .io import check_writable_dir, write_json_atomic
-from .models import DEFAULT_MODEL
+from .models import DEFAULT_MODEL, TINY_MODEL, cache_dir, embedded_model_cached, embedded_model_path, tiny_model_path
+from .report import headline, mean_accuracy, write_report
+from .run import Run
+from .sweep import EVAL_LIMIT, analyze_runs, check_existing, evaluate_target, run_finished_at, trainable_parameters, \
+    train_run
+from .tasks import PAPER_MIXTURE, get_task, load_examples
+from .tasks import eval_limit as per_task_limit  # run_demo's eval_limit argument has the name
 
-TASKS = ["alpaca", "mmlu", "boolq", "rte", "wic"]
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 METHODS = ("lora", "multilora", "full")
 DEFAULT_STEPS = 64
 QUICK_STEPS = 6
-EVAL_LIMIT = 40  # items per task (per MMLU subject: 1), a few minutes per model on 2 cores
-QUICK_EVAL_LIMIT = 8
+QUICK_EVAL_LIMIT = 8  # (the default, EVAL_LIMIT: 40 items per task, is the sweep's)
 # MultiLoRA's scales learn at 30x the lr: with s = 0 at init they gate every gradient to A and B, and at
 # the paper's 1x MultiLoRA trails LoRA on a budget this short (README, "Learning dynamics": the sweep)
 S_LR_MULT = 30.0
-DONE_FILE = "demo_run.json"  # written into a run folder when its training finished
-MMLU_SUBJECTS_SHARE = 20  # MMLU's limit is per subject (57 of them): use limit // 20 per subject
 STEP_WEIGHT, EVAL_WEIGHT = 1.0, 8.0  # rough cost of a training step vs evaluating one task, for the ETA
 
-
-def task_limit(task: str, limit: int) -> int:
-    """The `evaluate` limit that gives `task` about `limit` items: MMLU's limit counts per subject."""
-    return max(1, limit // MMLU_SUBJECTS_SHARE) if task == "mmlu" else limit
+__all__ = ["run_demo", "demo_config", "demo_runs", "METHODS", "DEFAULT_STEPS", "QUICK_STEPS", "EVAL_LIMIT",
+           "QUICK_EVAL_LIMIT"]
 
 
 def demo_config(method: str, out_dir: str | Path, steps: int = DEFAULT_STEPS, seed: int = 0,
@@ -63,8 +66,8 @@ def demo_config(method: str, out_dir: str | Path, steps: int = DEFAULT_STEPS, se
         "model": model,
         "method": method,
         **({"adapter": adapter} if adapter else {}),
-        "data": {"tasks": TASKS, "mixture": "temperature", "temperature": 2.0, "max_len": 128, "chat": False,
-                 "eval_examples": 0},
+        "data": {"tasks": list(PAPER_MIXTURE), "mixture": "temperature", "temperature": 2.0, "max_len": 128,
+                 "chat": False, "eval_examples": 0},
         "optim": {"lr": 3e-5 if method == "full" else 3e-4,
                   **({"s_lr_mult": S_LR_MULT} if method == "multilora" else {}), "weight_decay": 0.0, "warmup_steps": max(1, steps // 10),
                   "schedule": "cosine", "grad_clip": 1.0},
@@ -74,19 +77,22 @@ def demo_config(method: str, out_dir: str | Path, steps: int = DEFAULT_STEPS, se
     })
 
 
+def demo_runs(out: Path, steps: int, seeds: int, model: str) -> list[dict[str, Any]]:
+    """The study's fixed grid as planned sweep runs: every method x seed, in OUT/<method>-seed<seed>."""
+    return [{"name": f"{method}-seed{seed}", "combination": method, "overrides": {"method": method}, "seed": seed,
+             "config": demo_config(method, out / f"{method}-seed{seed}", steps, seed, model)}
+            for seed in range(seeds) for method in METHODS]
+
+
 def run_demo(out_dir: str | Path | None = None, steps: int | None = None, seeds: int = 1, quick: bool = False,
              model_name: str | None = None, eval_limit: int | None = None, resume: bool = False,
              overwrite: bool = False) -> Path:
     """Run the whole study into `out_dir` (default runs/demo-<date>) and return the report's path.
 
-    `quick` uses a tiny random model (unless `model_name` is given) and a few steps and items;
-    `resume` reuses the finished runs and evaluations of an interrupted demo in `out_dir`.
+    `quick` uses a tiny random model (unless `model_name` is given) and a few steps and items: a smoke test
+    of the pipeline, whose report judges no claim; `resume` reuses the finished runs and evaluations of an
+    interrupted demo in `out_dir`.
     """
-    from .analyze import analyze
-    from .evaluate import evaluate, resolve_target
-    from .models import tiny_model_path
-    from .train import checkpoint_dirs, read_metrics, train
-
     if seeds < 1:
         raise MultiLoRAError(f"--seeds must be >= 1, got {seeds}")
     if steps is not None and steps < 1:
@@ -107,88 +113,72 @@ def run_demo(out_dir: str | Path | None = None, steps: int | None = None, seeds:
                                  "--overwrite to replace it, or another --out")
         shutil.rmtree(out)
     model_name = model_name or (str(tiny_model_path()) if quick else DEFAULT_MODEL)
+    runs = demo_runs(out, steps, seeds, model_name)
+    check_existing(runs, out, fix="resume with the --steps and --model it ran with, pass --overwrite to replace "
+                   "it, or another --out")
+    tasks = list(PAPER_MIXTURE)
     console = Console()
     t_start = time.perf_counter()
     t_convert = _prepare_model(model_name, console)
 
     study: dict[str, Any] = {
-        "model": model_name, "tasks": TASKS, "eval_tasks": TASKS, "steps": steps, "seeds": list(range(seeds)),
+        "model": model_name, "tasks": tasks, "eval_tasks": tasks, "steps": steps, "seeds": list(range(seeds)),
         "batch_size": 4, "max_len": 128, "mixture": "temperature (T = 2)", "eval_limit": limit,
-        "mmlu_per_subject": task_limit("mmlu", limit),
+        "mmlu_per_subject": per_task_limit("mmlu", limit), "smoke_test": quick or _is_tiny_model(model_name),
         "methods": {m: {"trainable": 0, "share": 0.0, "seconds": [], "runs": [], "train_loss": [], "lr": 0.0,
                         "s_lr_mult": 1.0}
                     for m in METHODS},
         "evals": {}, "data_sizes": {},
     }
-    n_models = 1 + len(METHODS) * seeds
-    total = len(METHODS) * seeds * steps * STEP_WEIGHT + n_models * len(TASKS) * EVAL_WEIGHT + EVAL_WEIGHT
+    n_models = 1 + len(runs)
+    total = len(runs) * steps * STEP_WEIGHT + n_models * len(tasks) * EVAL_WEIGHT + EVAL_WEIGHT
     columns = [TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]
     timings = {"convert": t_convert, "train": 0.0, "eval": 0.0, "analyze": 0.0}
     with Progress(*columns, console=console, transient=False) as progress:
         bar = progress.add_task("starting", total=total)
 
-        def stage(text: str) -> None:
-            progress.update(bar, description=text)
+        for run in runs:  # 2. training (a finished run is reused as it is, an interrupted one resumed)
+            method, seed, folder = run["combination"], run["seed"], Path(run["config"].output_dir)
+            progress.update(bar, description=f"train {method} (seed {seed}): step 0/{steps}")
+            on_step = lambda step, model, record, m=method, sd=seed: progress.update(  # noqa: E731
+                bar, advance=STEP_WEIGHT, description=f"train {m} (seed {sd}): step {step}/{steps}")
+            if not train_run(run, progress=False, on_step=on_step):
+                progress.update(bar, advance=steps * STEP_WEIGHT)
+            seconds = (Run(folder).finished() or {}).get("seconds", math.nan)
+            arm = study["methods"][method]
+            arm["seconds"].append(seconds)
+            arm["runs"].append(str(folder))
+            arm["train_loss"].append([r["loss"] for r in Run(folder).metrics() if "loss" in r])
+            arm["lr"], arm["s_lr_mult"] = run["config"].optim.lr, run["config"].optim.s_lr_mult
+            timings["train"] += seconds
+        _record_sizes(study)
 
-        for seed in range(seeds):  # 2. training
-            for method in METHODS:
-                run = out / f"{method}-seed{seed}"
-                config = demo_config(method, run, steps, seed, model_name)
-                done = run / DONE_FILE
-                if done.is_file():  # --resume: a finished run is reused as it is
-                    seconds = json.loads(done.read_text(encoding="utf-8"))["seconds"]
-                    progress.update(bar, advance=steps * STEP_WEIGHT)
-                else:
-                    stage(f"train {method} (seed {seed}): step 0/{steps}")
-                    t0 = time.perf_counter()
-                    on_step = lambda step, model, record, m=method, sd=seed: progress.update(  # noqa: E731
-                        bar, advance=STEP_WEIGHT, description=f"train {m} (seed {sd}): step {step}/{steps}")
-                    if checkpoint_dirs(run):  # interrupted mid-run: continue from its newest checkpoint
-                        train(None, resume=run, progress=False, on_step=on_step)
-                    else:
-                        train(config, progress=False, on_step=on_step, overwrite=run.exists())
-                    seconds = time.perf_counter() - t0
-                    write_json_atomic(done, {"seconds": seconds})
-                arm = study["methods"][method]
-                arm["seconds"].append(seconds)
-                arm["runs"].append(str(run))
-                arm["train_loss"].append([r["loss"] for r in read_metrics(run) if "loss" in r])
-                arm["lr"], arm["s_lr_mult"] = config.optim.lr, config.optim.s_lr_mult
-                timings["train"] += seconds
-
-        t0 = time.perf_counter()  # 3. evaluation
-        targets = [("base", model_name, out / "base-eval.json")] + [
-            (m, r, Path(r) / "eval.json") for m in METHODS for r in study["methods"][m]["runs"]]
-        for name, target, saved in targets:
-            model, tokenizer, identity = resolve_target(str(target), model=model_name)
-            if name in METHODS:
-                _record_size(study, name, model)
-            if saved.is_file():  # --resume: evaluated before
-                result = json.loads(saved.read_text(encoding="utf-8"))
-                progress.update(bar, advance=EVAL_WEIGHT * len(TASKS))
-            else:
-                result = {"tasks": {}, "identity": identity, "limit": limit}
-                for task in TASKS:
-                    stage(f"evaluate {name}: {task}")
-                    result["tasks"].update(evaluate(model, tokenizer, [task], limit=task_limit(task, limit))["tasks"])
-                    progress.update(bar, advance=EVAL_WEIGHT)
-                write_json_atomic(saved, result)
+        t0 = time.perf_counter()  # 3. evaluation, each result cached in its eval.json
+        targets = [("base", model_name, out / "base-eval.json", None)] + [
+            (m, r, Path(r) / EVAL_NAME, run_finished_at(Path(r))) for m in METHODS for r in study["methods"][m]["runs"]]
+        for name, target, path, trained in targets:
+            on_task = lambda task, done, n=name: progress.update(  # noqa: E731
+                bar, advance=EVAL_WEIGHT if done else 0, description=f"evaluate {n}: {task}")
+            result, evaluated = evaluate_target(target, path, tasks, limit, False, trained, on_task)
+            if not evaluated:
+                progress.update(bar, advance=EVAL_WEIGHT * len(tasks))
             study["evals"].setdefault(name, []).append(result)
-            del model
         timings["eval"] = time.perf_counter() - t0
-        study["data_sizes"] = _data_sizes(limit)
+        study["data_sizes"] = _data_sizes(tasks, limit)
 
         t0 = time.perf_counter()  # 4. analysis (first seed)
-        stage("analyze spectra")
-        runs = [study["methods"][m]["runs"][0] for m in METHODS]
+        progress.update(bar, description="analyze spectra")
+        first = {m: Path(study["methods"][m]["runs"][0]) for m in METHODS}
         with _threads(1):  # many small SVDs: one thread avoids oversubscription
-            study["analysis"] = analyze(runs, out / "analysis", names=list(METHODS))
+            study["analysis"], notes = analyze_runs(first, out / "analysis")
+        if notes:  # the sweep keeps going without a failed run's spectrum; the study needs all three
+            name, note = next(iter(notes.items()))
+            raise MultiLoRAError(f"the demo's {name} run {first[name]}: {note}; delete that folder and rerun with "
+                                 "--resume to train it again")
         study["analysis_dir"] = "analysis"
         timings["analyze"] = time.perf_counter() - t0
         progress.update(bar, advance=EVAL_WEIGHT, description="writing report")
-
-    from .report import write_report
 
     timings["total"] = time.perf_counter() - t_start
     study["timings"] = timings
@@ -202,8 +192,6 @@ def _prepare_model(model_name: str, console: Console) -> float:
     """Convert the embedded model once (timed separately); 0.0 when already cached or not embedded."""
     if model_name != DEFAULT_MODEL:
         return 0.0
-    from .models import embedded_model_cached, embedded_model_path
-
     if embedded_model_cached():
         return 0.0
     console.print("first run: converting the embedded SmolLM2-135M once (GGUF -> safetensors cache)")
@@ -212,20 +200,25 @@ def _prepare_model(model_name: str, console: Console) -> float:
     return time.perf_counter() - t0
 
 
-def _record_size(study: dict, name: str, model: torch.nn.Module) -> None:
-    from .inject import adapter_parameters
-
-    total = sum(p.numel() for p in model.parameters())
-    adapter = sum(p.numel() for p in adapter_parameters(model).values())
-    trainable = total if name == "full" else adapter
-    study["methods"][name]["trainable"] = trainable
-    study["methods"][name]["share"] = trainable / (total - adapter)
+def _is_tiny_model(model_name: str) -> bool:
+    """Whether `model_name` is the tiny random model of --quick (a model that learns nothing worth judging)."""
+    return model_name != DEFAULT_MODEL and Path(model_name).resolve() == (cache_dir() / TINY_MODEL).resolve()
 
 
-def _data_sizes(limit: int) -> dict[str, dict[str, int]]:
-    from .tasks import get_task, load_examples
+def _record_sizes(study: dict) -> None:
+    """Each method's trainable parameters (the tensors its first run saved) and their share of the base model.
 
-    return {t: {"train": len(load_examples(t, get_task(t).train_split)), "eval": limit} for t in TASKS}
+    Full fine-tuning trains (and saves) every parameter, so its count is the base model's size.
+    """
+    arms = study["methods"]
+    counts = {m: trainable_parameters(Path(arms[m]["runs"][0])) for m in METHODS}
+    for m in METHODS:
+        arms[m]["trainable"] = int(counts[m])
+        arms[m]["share"] = counts[m] / counts["full"]
+
+
+def _data_sizes(tasks: list[str], limit: int) -> dict[str, dict[str, int]]:
+    return {t: {"train": len(load_examples(t, get_task(t).train_split)), "eval": limit} for t in tasks}
 
 
 class _threads:
@@ -242,8 +235,6 @@ class _threads:
 
 
 def _print_summary(console: Console, study: dict, report: Path) -> None:
-    from .report import headline, mean_accuracy
-
     table = Table(title=f"{study['model']}: {study['steps']} steps, {len(study['seeds'])} seed(s)")
     table.add_column("model")
     for t in study["eval_tasks"]:
@@ -261,4 +252,8 @@ def _print_summary(console: Console, study: dict, report: Path) -> None:
     console.print(f"time: {t['total']:.0f} s (train {t['train']:.0f} s, eval {t['eval']:.0f} s, "
                   f"analysis {t['analyze']:.0f} s" + (f"; one-time conversion {t['convert']:.0f} s" if t["convert"] else "")
                   + ")")
+    if study.get("smoke_test"):
+        console.print("[bold]smoke test[/] (--quick or the tiny random model): the pipeline ran end to end; a model "
+                      "that learns nothing cannot judge the paper's claims, so no verdict. Run `multilora demo` "
+                      "without --quick for one.")
     console.print(f"[bold]report:[/] {report}")

@@ -4,7 +4,8 @@ Input is the `study` dict `multilora demo` writes to `study.json`:
 
     model, tasks, steps, seeds, batch_size, max_len, data_sizes {task: {train, eval}},
     methods {name: {trainable, share, seconds [per seed], runs [per seed], lr}},
-    evals {model name: [evaluate() result per seed]}, analysis (analyze() report), timings
+    evals {model name: [evaluate() result per seed]}, analysis (analyze() report), timings,
+    smoke_test (a --quick run on the tiny random model: the report judges no claim)
 
 Every sentence that judges the paper's claims is computed from those numbers here.
 """
@@ -125,8 +126,16 @@ def spectrum_table(analysis: dict) -> str:
     return "\n".join(lines)
 
 
+SMOKE_TEST = ("**Smoke test: no verdict on Claim 1 (a flatter spectrum) or Claim 2 (better multi-task scores).** "
+              "This run (`--quick`, or the tiny random model) checks that training, evaluation, analysis and this "
+              "report work end to end; a model that learns nothing cannot test the paper's claims, so none is "
+              "judged here. Run `multilora demo` without `--quick` for a verdict.")
+
+
 def verdict(study: dict) -> str:
-    """A plain-language paragraph on the paper's two claims, computed from the numbers."""
+    """A plain-language paragraph on the paper's two claims, computed from the numbers (none for a smoke test)."""
+    if study.get("smoke_test"):
+        return SMOKE_TEST
     parts = []
     spec = spectrum_rows(study["analysis"]) if study.get("analysis") else {}
     if "lora" in spec and "multilora" in spec:
@@ -190,12 +199,12 @@ def loss_trends(study: dict) -> dict[str, tuple[float, float]]:
 
 def loss_curves_png(study: dict, path: Path) -> Path:
     """Training loss per method (mean over seeds, light per-step line plus a moving average)."""
-    import matplotlib
+    # deferred on purpose: matplotlib is slow to import and only the report's plot needs it (the sweep and the
+    # CLI import this module for its tables); the Figure API draws headless without touching pyplot's backend
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
     for name, m in study["methods"].items():
         curves = [c for c in m.get("train_loss", []) if c]
         if not curves:
@@ -212,11 +221,8 @@ def loss_curves_png(study: dict, path: Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    try:
-        with atomic_path(path) as tmp:  # a killed or failed write leaves the previous plot
-            fig.savefig(tmp, dpi=120, format="png")
-    finally:
-        plt.close(fig)
+    with atomic_path(path) as tmp:  # a killed or failed write leaves the previous plot
+        fig.savefig(tmp, dpi=120, format="png")
     return path
 
 
@@ -282,13 +288,3 @@ def write_report(study: dict, out_dir: str | Path) -> Path:
     path = out / "report.md"
     write_text_atomic(path, "\n".join(md))
     return path
-
-
-def rebuild_report(out_dir: str | Path) -> Path:
-    """Rewrite report.md of a finished demo folder from its study.json and analysis/analysis.json."""
-    import json
-
-    out = Path(out_dir)
-    study = json.loads((out / "study.json").read_text(encoding="utf-8"))
-    study["analysis"] = json.loads((out / study.get("analysis_dir", "analysis") / "analysis.json").read_text(encoding="utf-8"))
-    return write_report(study, out)

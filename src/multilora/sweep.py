@@ -9,7 +9,12 @@
     5. summarize: sweep.csv (one row per run), sweep.md (mean ± std over seeds per combination), 3 plots
 
 `summarize(out)` redoes step 5 from the folders alone: OUT/sweep.json (what was swept), each run
-folder (config.yaml, metrics.jsonl, eval.json, adapter or weights) and OUT/analysis.
+folder (config.yaml, metrics.jsonl, finished.json, eval.json, adapter or weights) and OUT/analysis.
+
+Steps 3 and 4 are stages of their own (`check_existing`, `train_run`, `evaluate_run`, `evaluate_target`,
+`analyze_runs`): `multilora demo` runs its fixed grid (lora / multilora / full x seeds) through them too.
+A planned run is a dict {"name", "combination" (label), "overrides" {key: value}, "seed", "config" (TrainConfig,
+whose output_dir is the run folder)}.
 """
 
 from __future__ import annotations
@@ -22,22 +27,26 @@ import itertools
 import math
 import re
 import statistics
-import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import yaml
+from safetensors import safe_open
 
 from .analyze import analyze, analyze_run
 from .config import ALIASES, flatten, load_config, valid_keys
-from .demo import EVAL_LIMIT, MMLU_SUBJECTS_SHARE, task_limit
 from .errors import MultiLoRAError
 from .evaluate import EVAL_NAME, evaluate, resolve_target
 from .io import atomic_path, read_json_object, write_json_atomic, write_text_atomic
 from .report import headline
-from .train import CONFIG_FILE, checkpoint_dirs, read_metrics, train
+from .run import Run
+from .tasks import MMLU_SUBJECTS_SHARE, eval_limit, get_task
+from .train import train
 
-DONE_FILE = "sweep_run.json"  # written into a run folder when its training finished (like demo.DONE_FILE)
+EVAL_LIMIT = 40  # items per task (per MMLU subject: 40 // 20 = 2), a few minutes per model on 2 cores
+# the key of an eval.json under which its cache settings are kept (the name predates the demo's use of it:
+# kept so the eval.json files of existing sweeps stay valid)
+CACHE_KEY = "sweep"
 MANIFEST = "sweep.json"  # what the sweep ran: base, grid, seeds, tasks, and each run's overrides
 ANALYSIS_DIR = "analysis"
 ANALYSIS_NOTES = "sweep_analysis.json"  # which finished runs the analysis covers, and runs it failed on
@@ -191,40 +200,25 @@ def plan_runs(base: Path, combos: list[dict[str, Any]], seeds: int, out: Path) -
     return runs
 
 
-def check_existing(runs: list[dict[str, Any]], out: Path) -> None:
-    """Refuse if a run folder already holds a run trained with another config than the one requested now."""
+def check_existing(runs: list[dict[str, Any]], out: Path, fix: str | None = None) -> None:
+    """Refuse if a run folder already holds a run trained with another config than the one requested now.
+
+    `fix` ends the message (default: the sweep's advice, another --out or the base config it ran with).
+    """
     for run in runs:
-        saved = saved_config(Path(run["config"].output_dir))
-        if not saved:
-            continue
-        wanted = flatten(run["config"].to_dict())
-        diff = [k for k in wanted if k != "output_dir" and saved.get(k) != wanted[k]]
+        folder = Run(run["config"].output_dir)
+        diff = folder.config_diff(run["config"]) if folder.has_config() else []
         if diff:
-            k = diff[0]
+            k, saved, wanted = diff[0], folder.saved_config(), flatten(run["config"].to_dict())
             raise MultiLoRAError(
                 f"run {run['name']} in {out} was trained with a different config: {k} is "
                 f"{value_text(saved.get(k))} there but {value_text(wanted[k])} now"
                 + (f" (and {len(diff) - 1} more key(s))" if len(diff) > 1 else "")
-                + f"; pass another --out (e.g. {out}-2) or restore the base config it ran with")
-
-
-def saved_config(folder: Path) -> dict[str, Any]:
-    """The {dotted key: value} of a run folder's config.yaml (as train wrote it); {} if it has none."""
-    path = folder / CONFIG_FILE
-    if not path.is_file():
-        return {}
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        raise MultiLoRAError(f"{path} is not valid YAML ({' '.join(str(e).split())}); delete the run folder "
-                             f"{folder} to train it again") from None
-    return flatten(data) if isinstance(data, dict) else {}
+                + "; " + (fix or f"pass another --out (e.g. {out}-2) or restore the base config it ran with"))
 
 
 def eval_tasks(tasks: str | Sequence[str] | None, runs: list[dict[str, Any]], limit: int) -> list[str]:
     """The tasks to evaluate: `tasks`, else every task the runs train on; none when limit is 0."""
-    from .tasks import get_task
-
     if limit == 0:
         return []
     if tasks is None:
@@ -242,66 +236,98 @@ def eval_tasks(tasks: str | Sequence[str] | None, runs: list[dict[str, Any]], li
 # ----------------------------------------------------------------------------- the stages
 
 
-def train_run(run: dict[str, Any], progress: bool) -> bool:
-    """Train one run unless finished (resume it from its newest checkpoint if interrupted); True if it trained."""
-    folder = Path(run["config"].output_dir)
-    if (folder / DONE_FILE).is_file():
+def train_run(run: dict[str, Any], progress: bool, on_step: Callable[[int, Any, dict], None] | None = None) -> bool:
+    """Train one run unless finished (resume it from its newest checkpoint if interrupted); True if it trained.
+
+    `on_step` is train's per-step callback (the demo's progress bar).
+    """
+    folder = Run(run["config"].output_dir)
+    if folder.finished() is not None:
         return False
-    t0 = time.perf_counter()
-    if checkpoint_dirs(folder):
-        train(None, resume=folder, progress=progress)
+    if folder.checkpoints():
+        train(None, resume=folder.path, progress=progress, on_step=on_step)
     else:
-        train(run["config"], progress=progress, overwrite=folder.exists())
-    write_json_atomic(folder / DONE_FILE, {"seconds": time.perf_counter() - t0, "finished": time.time()})
+        train(run["config"], progress=progress, on_step=on_step, overwrite=folder.path.exists())
     return True
 
 
 def eval_settings(tasks: list[str], limit: int) -> dict[str, Any]:
     """What an eval.json of the sweep was computed with (a cached one is reused only if these match)."""
-    return {"tasks": tasks, "limit": limit, "mmlu_per_subject": task_limit("mmlu", limit)}
+    return {"tasks": tasks, "limit": limit, "mmlu_per_subject": eval_limit("mmlu", limit)}
 
 
-def evaluate_run(folder: Path, tasks: list[str], limit: int, progress: bool) -> bool:
-    """Write folder/eval.json for `tasks` (MMLU's limit is per subject, scaled as in the demo); True if it evaluated.
+def evaluate_target(target: str, path: Path, tasks: list[str], limit: int, progress: bool, trained: Any = None,
+                    on_task: Callable[[str, bool], None] | None = None) -> tuple[dict[str, Any] | None, bool]:
+    """Write `path`: the evaluate() result of `target` (a run folder or a model) on `tasks`, unless a cached
+    one is there; returns (the result, True if it evaluated now). No tasks: (None, False).
 
-    A cached eval.json is reused if it has the same settings and was made after the run's training finished.
+    MMLU's limit is per subject (tasks.eval_limit). A cached file is reused if it has the same settings and
+    the same `trained` (when the run's training finished). `on_task(task, done)` is called before (done
+    False) and after (done True) each task.
     """
-    settings = {**eval_settings(tasks, limit), "trained": _read_json(folder / DONE_FILE).get("finished")}
-    path = folder / EVAL_NAME
-    if not tasks or (path.is_file() and _read_json(path).get("sweep") == settings):
-        return False
-    model, tokenizer, identity = resolve_target(str(folder))
-    parts = [evaluate(model, tokenizer, [t], limit=task_limit(t, limit), identity=identity, progress=progress)
-             for t in tasks]
+    settings = {**eval_settings(tasks, limit), "trained": trained}
+    if not tasks:
+        return None, False
+    cached = _read_json(path) if path.is_file() else {}
+    if cached.get(CACHE_KEY) == settings:
+        return cached, False
+    model, tokenizer, identity = resolve_target(str(target))
+    parts = []
+    for t in tasks:
+        if on_task is not None:
+            on_task(t, False)
+        parts.append(evaluate(model, tokenizer, [t], limit=eval_limit(t, limit), identity=identity,
+                              progress=progress))
+        if on_task is not None:
+            on_task(t, True)
     result = {**parts[0], "tasks": {t: p["tasks"][t] for t, p in zip(tasks, parts)},
               "seconds": sum(p["seconds"] for p in parts)}
     result["settings"].update(tasks=tasks, limit=limit, mmlu_per_subject=settings["mmlu_per_subject"])
-    write_json_atomic(path, {**result, "sweep": settings})
-    return True
+    result[CACHE_KEY] = settings
+    write_json_atomic(path, result)
+    return result, True
 
 
-def analyze_runs(out: Path, runs: list[dict[str, Any]]) -> None:
-    """analyze.analyze over the finished runs into OUT/analysis; a run it fails on gets a note, not a lost sweep."""
-    done = [r for r in runs if (out / "runs" / r["name"] / DONE_FILE).is_file()]
-    inputs = {r["name"]: _read_json(out / "runs" / r["name"] / DONE_FILE).get("finished") for r in done}
-    notes_path = out / ANALYSIS_DIR / ANALYSIS_NOTES
-    if not done or (notes_path.is_file() and (out / ANALYSIS_DIR / "analysis.json").is_file()
-                    and _read_json(notes_path).get("inputs") == inputs):
-        return  # nothing finished, or these very runs were analyzed before
-    folders, names = [out / "runs" / r["name"] for r in done], [r["name"] for r in done]
+def evaluate_run(folder: Path, tasks: list[str], limit: int, progress: bool) -> bool:
+    """Write folder/eval.json for `tasks` (see evaluate_target); True if it evaluated, False if the cached one
+    (made after the run's training finished, with the same settings) was reused."""
+    return evaluate_target(str(folder), folder / EVAL_NAME, tasks, limit, progress, run_finished_at(folder))[1]
+
+
+def run_finished_at(folder: Path) -> float | None:
+    """When the run's training finished (unix time; the cache key of its eval.json), None if not or unknown."""
+    return (Run(folder).finished() or {}).get("finished")
+
+
+def analyze_runs(folders: dict[str, Path], analysis_dir: Path) -> tuple[dict[str, Any], dict[str, str]]:
+    """analyze.analyze over the finished runs of {name: folder} into `analysis_dir`; returns (the analysis
+    report, {name: note} for the runs it failed on): a failed run gets a note, not a lost sweep.
+
+    The analysis of the very same finished runs is reused from analysis_dir.
+    """
+    records = {name: Run(folder).finished() for name, folder in folders.items()}
+    done = {name: folders[name] for name, record in records.items() if record is not None}
+    inputs = {name: records[name].get("finished") for name in done}
+    notes_path, report_path = analysis_dir / ANALYSIS_NOTES, analysis_dir / "analysis.json"
+    if not done:
+        return {}, {}
+    cached = _read_json(notes_path)
+    if report_path.is_file() and cached.get("inputs") == inputs:  # these very runs were analyzed before
+        return _read_json(report_path), cached.get("notes", {})
+    names, paths = list(done), list(done.values())
     notes: dict[str, str] = {}
     try:
-        analyze(folders, out / ANALYSIS_DIR, names=names)
+        report = analyze(paths, analysis_dir, names=names)
     except Exception:  # noqa: BLE001 - find the run(s) it fails on; the rest of the sweep keeps its spectra
-        for folder, name in zip(folders, names):
+        for folder, name in zip(paths, names):
             try:
                 analyze_run(folder, name=name)
             except Exception as e:  # noqa: BLE001 - recorded in sweep.md as a note and NaN in sweep.csv
                 notes[name] = f"analysis failed: {type(e).__name__}: {' '.join(str(e).split())}"
         ok = [i for i, n in enumerate(names) if n not in notes]
-        if ok:
-            analyze([folders[i] for i in ok], out / ANALYSIS_DIR, names=[names[i] for i in ok])
+        report = analyze([paths[i] for i in ok], analysis_dir, names=[names[i] for i in ok]) if ok else {}
     write_json_atomic(notes_path, {"inputs": inputs, "notes": notes})
+    return report, notes
 
 
 def run_sweep(base: str | Path, grid: Sequence[Sequence[str] | str], seeds: int = 1, out_dir: str | Path | None = None,
@@ -342,7 +368,7 @@ def run_sweep(base: str | Path, grid: Sequence[Sequence[str] | str], seeds: int 
             if not evaluate_run(out / "runs" / run["name"], tasks, limit, progress):
                 say("  evaluated before: reused eval.json")
     say("analyze spectra")
-    analyze_runs(out, runs)
+    analyze_runs({r["name"]: out / "runs" / r["name"] for r in runs}, out / ANALYSIS_DIR)
     path = summarize(out)
     say(f"wrote {path}, {out / 'sweep.csv'} and plots")
     return path
@@ -359,10 +385,8 @@ def _read_json(path: Path) -> dict[str, Any]:
         return {}
 
 
-def _trainable(folder: Path) -> float:
+def trainable_parameters(folder: Path) -> float:
     """Trainable parameters of a finished run: the tensors of adapter.safetensors (or, full, of the model)."""
-    from safetensors import safe_open
-
     files = [folder / "adapter.safetensors"] if (folder / "adapter.safetensors").is_file() else \
         sorted(folder.glob("model*.safetensors"))
     if not files:
@@ -385,15 +409,15 @@ def read_run(out: Path, run: dict[str, Any], keys: list[str], tasks: list[str], 
              notes: dict[str, str]) -> dict[str, Any]:
     """One sweep.csv row, from the run folder alone (plus its held-out curve under 'curve')."""
     folder = out / "runs" / run["name"]
-    config = saved_config(folder)
-    metrics = read_metrics(folder)
+    config = Run(folder).saved_config()
+    metrics = Run(folder).metrics()
     steps = sorted((r["step"], r["loss"]) for r in metrics if "loss" in r)
     curve = dict(sorted((r["step"], r["eval"]["loss"]) for r in metrics if "loss" in r.get("eval", {})))
     result = _read_json(folder / EVAL_NAME) if (folder / EVAL_NAME).is_file() else {"tasks": {}}
     scores = {t: headline(result, t) if t in result.get("tasks", {}) else None for t in tasks}
     accs = [h[0] for h in scores.values() if h is not None and h[1]]
     spec = spectra.get(run["name"], {})
-    done = _read_json(folder / DONE_FILE) if (folder / DONE_FILE).is_file() else {}
+    done = Run(folder).finished() or {}
     note = notes.get(run["name"], "") or ("" if done else "not finished")
     return {
         "run": run["name"], "combination": run["combination"],
@@ -405,7 +429,7 @@ def read_run(out: Path, run: dict[str, Any], keys: list[str], tasks: list[str], 
         **{t: math.nan if h is None else h[0] for t, h in scores.items()},
         "mean_acc": statistics.fmean(accs) if accs else math.nan,
         "effective_rank": _num(spec.get("effective_rank")), "top1_share": _num(spec.get("energy_top1")),
-        "trainable_params": _trainable(folder) if done else math.nan,
+        "trainable_params": trainable_parameters(folder) if done else math.nan,
         "train_seconds": _num(done.get("seconds")), "note": note, "curve": curve,
     }
 
@@ -495,8 +519,6 @@ def summary_markdown(manifest: dict[str, Any], rows: list[dict[str, Any]], figur
 
 def is_multiple_choice(task: str) -> bool:
     """True for a task scored by accuracy, False for one scored by response perplexity (as evaluate() does)."""
-    from .tasks import get_task
-
     return get_task(task).items is not None
 
 
@@ -529,7 +551,7 @@ def summarize(out_dir: str | Path) -> Path:
 
 def write_plots(rows: list[dict[str, Any]], manifest: dict[str, Any], out: Path) -> list[tuple[str, str]]:
     """Write the sweep's PNGs that have data (headless Figure API); returns (file, caption) pairs."""
-    try:
+    try:  # matplotlib is imported by the plotting functions only (deliberately: slow to import, unused elsewhere)
         from matplotlib.figure import Figure  # noqa: F401
     except ImportError:
         raise MultiLoRAError("the sweep plots need matplotlib: pip install matplotlib") from None
