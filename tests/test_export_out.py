@@ -102,3 +102,10 @@ def test_export_merged_finds_the_base_model_the_run_names(tmp_path, tiny_dir):
     with pytest.raises(ml.MultiLoRAError, match=REFUSED):
         export_merged(run, out)
     assert export_merged(run, out, model=str(tiny_dir), overwrite=True) == out
+
+
+def test_peft_export_of_a_run_records_the_base_model_as_the_run_names_it(adapter, tmp_path):
+    (adapter / "config.yaml").write_text("model: smollm2-135m\nmethod: multilora\n")
+    ml.export_peft(adapter, tmp_path / "peft")
+    cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == "smollm2-135m"

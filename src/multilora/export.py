@@ -304,8 +304,7 @@ def _factors_from_folder(adapter_dir: str | os.PathLike) -> tuple[dict[str, Any]
         except KeyError as e:
             raise MultiLoRAError(f"{adapter_dir}: tensor {e.args[0]!r} is missing from the adapter file") from None
         factors[path] = fuse(a, b, tensors.get(f"{path}.lora_s"), scaling)
-    base = meta.get("base_model") if isinstance(meta.get("base_model"), dict) else {}
-    return factors, meta["fan_in_fan_out"], base.get("name_or_path", "")
+    return factors, meta["fan_in_fan_out"], Run(adapter_dir).base_model() or ""  # as the user named it
 
 
 # --------------------------------------------------------------------------- PEFT import
