@@ -23,6 +23,7 @@ import difflib
 import math
 import os
 import reprlib
+import textwrap
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields
@@ -98,7 +99,7 @@ class TrainOptions:
 
 @dataclass
 class TrainConfig:
-    """A whole training run: the YAML file's top level."""
+    """A whole training run: the YAML file's top level. Its `adapter` section is the MultiLoRAConfig itself."""
 
     model: str = EMBEDDED_MODEL  # 'smollm2-135m' (embedded) or a local model folder
     method: str = "multilora"  # multilora | lora | full
@@ -133,8 +134,6 @@ def valid_keys() -> list[str]:
 
 def help_text() -> str:
     """The config's sections and keys with their defaults, for `multilora train --help`."""
-    import textwrap
-
     lines = []
     default = TrainConfig()
     for f in fields(TrainConfig):
