@@ -123,7 +123,7 @@ def test_invalid_combinations_are_all_refused_before_any_training(tiny_dir, tmp_
     msg = str(e.value)
     assert msg.startswith("2 of 5 grid combination(s) are invalid, nothing was trained")
     assert "[method=lora__n=3]" in msg and "method lora uses adapter.n = 1, got 3" in msg
-    assert "[r=0]" in msg and "adapter.r = 0 must be > 0" in msg
+    assert "[r=0]" in msg and "adapter.r = 0 must be an integer >= 1" in msg  # the adapter's own check's wording
     assert "method=multilora__n=3" not in msg  # the valid ones are not listed
     with pytest.raises(MultiLoRAError, match="unknown task 'nope'"):
         run_sweep(base, GRID, out_dir=out, tasks="rte,nope", progress=False)
