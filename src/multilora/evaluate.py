@@ -39,12 +39,7 @@ from .tasks.mmlu import MAX_SHOTS
 __all__ = ["EVAL_NAME", "MMLU_CATEGORY", "accuracy", "add_eval_arguments", "compare", "evaluate", "flat_metrics",
            "generate_samples", "generations_table", "make_eval_fn", "max_length", "mmlu_metrics", "model_identity",
            "multirc_metrics", "read_result", "resolve_target", "response_nll", "result_table", "run_eval_cli",
-           "score_choices", "summary_rows", "task_metrics"]
-
-
-def task_metrics(task: str, scores: Sequence[dict]) -> dict:
-    """The metrics of one multiple-choice task, as its registry entry defines them."""
-    return get_task(task).metrics(scores)
+           "score_choices", "summary_rows"]
 
 
 def _evaluate_task(model: nn.Module, tokenizer: Any, task: str, shots: int, limit: int | None, batch_size: int,
