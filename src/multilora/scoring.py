@@ -58,7 +58,7 @@ class EvalProgress:
     """Progress of one scoring loop on stderr: a rich bar on a terminal, else a plain line every ~10 s.
 
         with EvalProgress(570, "mmlu", "items", enabled=True) as bar:
-            bar.advance(8)          # -> "eval mmlu: 120/570 items, 41 s" (no terminal)
+            bar.advance(8)          # no terminal: "eval mmlu: 120/570 items, 41 s" every ~10 s
 
     Without a terminal (a log file) a line is printed when `PROGRESS_EVERY_S` have passed since the
     last one, and once at the end. `clock` is for tests.
