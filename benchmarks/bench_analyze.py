@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from multilora.analyze import lowrank_svdvals
+from multilora.spectra import lowrank_svdvals
 from multilora.layers import fuse
 
 SHAPES = {"q": (576, 576), "k": (192, 576), "v": (192, 576), "o": (576, 576),

@@ -61,11 +61,11 @@ def main() -> None:
     p.add_argument("--methods", default="full,lora,multilora")
     args = p.parse_args()
 
-    from multilora.data import MixtureSampler, demo_mixture, tokenize_example
+    from multilora.data import MixtureSampler, tokenize_example
     from multilora.models import DEFAULT_MODEL, embedded_tokenizer, load_model
-    from multilora.tasks import load_examples
+    from multilora.tasks import PAPER_MIXTURE, load_examples
 
-    tasks = demo_mixture()
+    tasks = list(PAPER_MIXTURE)
     examples = {t: load_examples(t) for t in tasks}
     sampler = MixtureSampler({t: len(v) for t, v in examples.items()}, "uniform", seed=0)
     tok = embedded_tokenizer() if args.model == DEFAULT_MODEL else load_model(args.model)[1]

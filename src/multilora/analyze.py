@@ -40,10 +40,9 @@ from .layers import fuse
 from .models import DEFAULT_MODEL, embedded_model_path
 from .run import Run
 from .spectra import (TOP_K, TYPE_ORDER, aggregate, dense_svdvals, layer_record, low_rank_record,
-                      lowrank_svdvals, module_shares, subspace_metrics)
+                      module_shares, subspace_metrics)
 
-# lowrank_svdvals lives in spectra; still importable from here for benchmarks/bench_analyze.py
-__all__ = ["analyze", "analyze_run", "detect_kind", "lowrank_svdvals", "add_analyze_arguments", "run_analyze_cli"]
+__all__ = ["analyze", "analyze_run", "detect_kind", "add_analyze_arguments", "run_analyze_cli"]
 
 ANALYSIS_VERSION = 1
 _NOT_LINEAR = ("embed", "wte", "wpe", "lm_head", "embed_out")  # leaf-name parts skipped in full-FT state dicts

@@ -260,8 +260,3 @@ class MixtureSampler:
         self.seed, self.draws = int(state["seed"]), int(state["draws"])
         self.counts = {t: int(state["counts"][t]) for t in self.tasks}
         self._perm = {}
-
-
-def demo_mixture() -> list[str]:
-    """The demo's training tasks, as in the paper: Alpaca, MMLU (trains on val, evaluates on test), BoolQ, RTE, WiC."""
-    return ["alpaca", "mmlu", "boolq", "rte", "wic"]
