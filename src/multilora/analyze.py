@@ -114,7 +114,7 @@ def _analyze_multilora(d: Path, top_k: Sequence[int], base: str | Path | None, s
     """Our adapter (or trainer run) folder: fuse each module's factors, QR-route spectra, scale shares."""
     meta, tensors = read_adapter(d)
     n, r, scaling = meta["n"], meta["r"], meta["alpha"] / meta["r"]
-    recorded = _recorded_base(d)
+    recorded = Run(d).base_model()
     w0_of = _base_weights(base or recorded, d, stack) if subspace else None
     layers = []
     for path in meta["modules"]:
@@ -159,7 +159,7 @@ def _analyze_peft(d: Path, top_k: Sequence[int], base: str | Path | None, subspa
     adapter = read_peft(d, cfg)
     if not adapter.modules:
         raise MultiLoRAError(f"{adapter.weights} holds no lora_A/lora_B weights; is it a LoRA adapter?")
-    recorded = _recorded_base(d)
+    recorded = Run(d).base_model()
     w0_of = _base_weights(base or recorded, d, stack) if subspace else None
     layers = []
     for path, f in adapter.modules.items():
@@ -184,7 +184,7 @@ def _analyze_full(d: Path, base: str | Path | None, top_k: Sequence[int], subspa
                   stack: ExitStack) -> dict[str, Any]:
     """A full fine-tuning run: dense svdvals of W_ft - W0 for every 2-D linear weight."""
     tuned_files = _weight_files(d, tuned=True)
-    base_ref = base if base is not None else _recorded_base(d)
+    base_ref = base if base is not None else Run(d).base_model()
     if base_ref is None:
         raise MultiLoRAError(
             f"{d} is a full fine-tuning run but records no base model: pass --base MODEL "
@@ -280,33 +280,6 @@ def _open_all(files: list[Path], stack: ExitStack) -> dict[str, Any]:
             raise MultiLoRAError(f"{f} is not a readable safetensors file ({e})") from None
         handles.update({k: h for k in h.keys()})
     return handles
-
-
-def _recorded_base(d: Path) -> str | None:
-    """The base model a run or adapter records: `Run.base_model` (config.yaml `model` as the user named it, else
-    full_model.json / adapter_config.json), else an older layout's config.yaml `model: {name_or_path: ...}` or
-    `base_model`, else a save_pretrained folder's config.json `_name_or_path`."""
-    run = Run(d)
-    found = run.base_model()
-    if found:
-        return found
-    try:
-        saved = run.saved_config()
-    except MultiLoRAError:
-        saved = {}
-    for key in ("base_model", "model"):
-        value = saved.get(key)
-        if isinstance(value, dict):
-            value = value.get("name_or_path") or value.get("name") or value.get("path")
-        if isinstance(value, str) and value:
-            return value
-    try:
-        name = read_json_object(d / "config.json").get("_name_or_path") if (d / "config.json").is_file() else None
-    except MultiLoRAError:
-        name = None
-    if isinstance(name, str) and name and Path(name).expanduser().resolve() != d.resolve():
-        return name
-    return None
 
 
 def _resolve_model(ref: str | Path) -> Path:

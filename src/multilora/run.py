@@ -127,14 +127,24 @@ class Run:
         return [k for k in wanted if k != "output_dir" and k not in ignore and saved.get(k) != wanted[k]]
 
     def base_model(self) -> str | None:
-        """The base model as the user named it: config.yaml's `model`, else what the saved files record."""
+        """The base model as the user named it: config.yaml's `model`, else what the saved files record.
+
+        Looked up in order: config.yaml `model` (or `base_model`, also as `{name_or_path: ...}`),
+        full_model.json / adapter_config.json `base_model.name_or_path`, a PEFT adapter's
+        `base_model_name_or_path`, a save_pretrained folder's config.json `_name_or_path` (never the
+        folder itself).
+        """
         try:
-            model = self.saved_config().get("model")
+            saved = self.saved_config()
         except MultiLoRAError:  # an unreadable config only loses this hint; the files below may still name it
-            model = None
-        if isinstance(model, str) and model:
-            return model
-        for name in (FULL_INFO, CONFIG_NAME):
+            saved = {}
+        for key in ("model", "base_model"):
+            value = saved.get(key)
+            if isinstance(value, dict):
+                value = value.get("name_or_path") or value.get("name") or value.get("path")
+            if isinstance(value, str) and value:
+                return value
+        for name in (FULL_INFO, CONFIG_NAME, "config.json"):
             path = self.path / name
             if not path.is_file():
                 continue
@@ -144,7 +154,7 @@ class Run:
                 continue
             base = data.get("base_model")
             base = base.get("name_or_path") if isinstance(base, dict) else base
-            base = base or data.get("base_model_name_or_path")  # a PEFT adapter folder
+            base = base or data.get("base_model_name_or_path") or data.get("_name_or_path")
             if isinstance(base, str) and base and Path(base).expanduser().resolve() != self.path.resolve():
                 return base
         return None
