@@ -60,7 +60,10 @@ def remove_full_weights(folder: str | os.PathLike) -> list[str]:
 class MultiLoRACallback(TrainerCallback):
     """Make every Trainer checkpoint adapter-only: `checkpoint-N/adapter/` (see `multilora.save_adapter`).
 
-    keep_full_weights=True keeps the Trainer's full `model.safetensors` next to the adapter.
+    keep_full_weights=True keeps the Trainer's full `model.safetensors` next to the adapter: the base
+    weights under the plain model's names (a plain `from_pretrained(checkpoint)` loads the base model)
+    and the adapter tensors beside them (`load_best_model_at_end` puts them back into the injected
+    model); see `inject.checkpoint_state_dict`.
     """
 
     def __init__(self, keep_full_weights: bool = False, subdir: str = ADAPTER_SUBDIR):

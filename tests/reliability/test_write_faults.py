@@ -5,7 +5,7 @@ report (`write_report`), JSON/text files (`write_json_atomic` / `write_text_atom
 analyze, demo and train use) and the model cache (`models._cached_folder`, the writer behind
 `tiny_model_path` and the embedded model's GGUF conversion, tried with the tiny model).
 
-1. Kill loop: a forked child rewrites the target over and over, alternating two known versions; the
+1. Kill loop: a child process rewrites the target over and over, alternating two known versions; the
    parent SIGKILLs it after a random (seeded) delay and checks that the target is exactly one
    complete version. A temporary file may be left, if readers ignore it and the next save removes it.
 2. Crash at every step: the child is killed right after its k-th rename/unlink/rmdir, for k = 1, 2,
@@ -15,6 +15,14 @@ analyze, demo and train use) and the model cache (`models._cached_folder`, the w
 
 MULTILORA_KILL_TRIALS=N runs the long kill loop (`-m slow`) with N trials per writer; by default
 only the short loop runs (KILL_TRIALS per writer, about a minute for the whole file).
+
+The children are never forked from the pytest process: it runs torch with a thread pool, and a
+fork copies only the calling thread, so a lock another thread held stays locked forever in the
+child (the suite once hung ten minutes in a futex wait). They fork from multiprocessing's
+"forkserver" instead: a server process started fresh (as "spawn" starts one) that only imports the
+modules below and runs no torch operation, so it has one thread (each child checks that); a child
+starts in ~0.1 s where a spawned one spends ~5 s importing torch. Each child builds its own writer
+(same seeds, so the same two versions) and says when it is ready; the kill delay starts then.
 """
 
 from __future__ import annotations
@@ -46,7 +54,11 @@ from multilora.errors import MultiLoRAError
 from multilora.io import write_json_atomic, write_text_atomic
 from multilora.run import CHECKPOINTS, SAMPLER_FILE, STATE_FILE, Run, checkpoint_dirs, read_metrics, register_state_hooks
 
-FORK = multiprocessing.get_context("fork")
+CHILDREN = multiprocessing.get_context("forkserver")
+CHILDREN.set_forkserver_preload(["torch", "transformers", "accelerate", "safetensors.torch", "matplotlib.figure",
+                                 "pytest", "multilora.checkpoint", "multilora.cli", "multilora.data",
+                                 "multilora.models", "multilora.report", "multilora.run"])
+CHILD_START_S = 180  # the first child waits for the server to import torch & co. (slow on a busy machine)
 KILL_TRIALS = 12  # per writer in the default run
 LONG_TRIALS = int(os.environ.get("MULTILORA_KILL_TRIALS", "0") or 0)
 
@@ -61,6 +73,7 @@ class Writer:
 
     name = ""
     crash_ks: tuple[int, ...] = (1,)  # the saves the crash test interrupts at every step
+    recipe: tuple[str, Path, Path] = ("", Path(), Path())  # `_writer`'s arguments, set by `_writer`
 
     def setup(self, d: Path) -> None: ...
     def write(self, d: Path, trial: int, k: int) -> None: ...
@@ -169,14 +182,15 @@ class ReportWriter(Writer):
 
         self.write_report = write_report
         self.studies = [_study("model-A"), _study("model-B")]
+        self.tmp = tmp
         self.md, self.png = [], []
-        for v, study in enumerate(self.studies):  # the two known versions, byte for byte
-            out = tmp / f"known-{v}"
-            write_report(study, out)
+
+    def setup(self, d: Path) -> None:  # in the parent only: the children need no known versions
+        for v, study in enumerate(self.studies[len(self.md):], start=len(self.md)):  # the two versions, byte for byte
+            out = self.tmp / f"known-{v}"
+            self.write_report(study, out)
             self.md.append((out / "report.md").read_bytes())
             self.png.append((out / "loss_curves.png").read_bytes())
-
-    def setup(self, d: Path) -> None:
         self.write_report(self.studies[0], d)
 
     def write(self, d: Path, trial: int, k: int) -> None:
@@ -344,17 +358,25 @@ class CacheWriter(Writer):
 # ----------------------------------------------------------------------------- the child and the loops
 
 
-def _child(writer: Writer, d: Path, trial: int, counter: Any, err: Path, kill_after: int | None, save: int) -> None:
-    """Rewrite the target forever (killed by the parent), or once with a SIGKILL after `kill_after` steps."""
+def _child(recipe: tuple[str, Path, Path], d: Path, trial: int, counter: Any, server_threads: Any, ready: Any,
+           err: Path, kill_after: int | None, save: int) -> None:
+    """Build the writer `_writer(*recipe)`, say so on the pipe `ready`, then rewrite the target forever (killed by the
+    parent), or once with a SIGKILL after `kill_after` steps."""
+    server = os.getppid()  # the fork server
+    tasks = Path(f"/proc/{server}/task")
+    server_threads.value = len(os.listdir(tasks)) if tasks.is_dir() else 1
     torch.set_num_threads(1)
     try:
+        writer = _writer(*recipe)
         if kill_after is not None:
             _die_after(kill_after)
+            ready.send_bytes(b"ready")
             writer.write(d, trial, save)
             return
         _slow_disk()
+        ready.send_bytes(b"ready")
         k = 0
-        while True:
+        while os.getppid() == server:  # the server exits with pytest: then so does an orphaned child
             writer.write(d, trial, k)
             counter.value += 1
             k += 1
@@ -404,11 +426,20 @@ def _die_after(n: int) -> None:
 
 def _run_child(writer: Writer, d: Path, trial: int, delay: float | None, kill_after: int | None,
                err: Path, save: int = 1) -> tuple[int, int]:
-    """(exit code, completed writes) of one child."""
-    counter = FORK.Value("i", 0, lock=False)
-    p = FORK.Process(target=_child, args=(writer, d, trial, counter, err, kill_after, save), daemon=True)
+    """(exit code, completed writes) of one child; `delay` counts from the moment it is ready to write."""
+    counter, threads = CHILDREN.Value("i", 0, lock=False), CHILDREN.Value("i", 0, lock=False)
+    ready_r, ready_w = CHILDREN.Pipe(duplex=False)  # a pipe, not an Event: no semaphore left by a killed child
+    p = CHILDREN.Process(target=_child, daemon=True,
+                         args=(writer.recipe, d, trial, counter, threads, ready_w, err, kill_after, save))
     p.start()
-    if delay is not None:
+    ready_w.close()
+    ready = _ready(ready_r, CHILD_START_S)
+    if not ready and p.is_alive():
+        os.kill(p.pid, signal.SIGKILL)
+        p.join()
+        pytest.fail(f"{writer.name}: the child was not ready to write after {CHILD_START_S} s")
+    assert threads.value == 1, f"the fork server runs {threads.value} threads: forking it may deadlock a child"
+    if delay is not None and ready:
         time.sleep(delay)
         os.kill(p.pid, signal.SIGKILL)
     p.join(60)
@@ -422,10 +453,23 @@ def _run_child(writer: Writer, d: Path, trial: int, delay: float | None, kill_af
     return p.exitcode, counter.value
 
 
+def _ready(conn: Any, timeout: float) -> bool:
+    """Whether the child said it is ready within `timeout` seconds (False if it died first)."""
+    try:
+        return conn.poll(timeout) and conn.recv_bytes() == b"ready"
+    except EOFError:  # the child exited without a word: its exit code and error file tell why
+        return False
+    finally:
+        conn.close()
+
+
 def _writer(name: str, tmp_path: Path, tiny_dir: Path) -> Writer:
-    return {"adapter": lambda: AdapterWriter(), "json": lambda: JsonTextWriter(),
-            "report": lambda: ReportWriter(tmp_path), "checkpoint": lambda: CheckpointWriter(),
-            "cache": lambda: CacheWriter(tiny_dir)}[name]()
+    """The writer `name`; `writer.recipe` builds the same one in a child process."""
+    writer = {"adapter": lambda: AdapterWriter(), "json": lambda: JsonTextWriter(),
+              "report": lambda: ReportWriter(tmp_path), "checkpoint": lambda: CheckpointWriter(),
+              "cache": lambda: CacheWriter(tiny_dir)}[name]()
+    writer.recipe = (name, tmp_path, tiny_dir)
+    return writer
 
 
 def kill_loop(writer: Writer, d: Path, trials: int, seed: int) -> tuple[int, int, list[str], int]:
@@ -442,7 +486,8 @@ def kill_loop(writer: Writer, d: Path, trials: int, seed: int) -> tuple[int, int
     for trial in range(trials):
         run += 1
         delay = rng.uniform(0.0, min(1.5, 4 * one + 0.05))
-        _, n = _run_child(writer, d, trial, delay, None, d.parent / "child-error.txt")
+        code, n = _run_child(writer, d, trial, delay, None, d.parent / "child-error.txt")
+        assert code == -signal.SIGKILL, f"{writer.name}: trial {trial}: the child was not killed (exit {code})"
         completed += n
         problem = writer.check(d)
         if problem is None and trial == trials - 1:
@@ -469,6 +514,7 @@ def test_kill_during_write_leaves_old_or_new_version(name, tmp_path, tiny_dir, t
 
 @pytest.mark.slow
 @pytest.mark.skipif(not LONG_TRIALS, reason="set MULTILORA_KILL_TRIALS=N for the long kill loop (N trials per writer)")
+@pytest.mark.timeout(max(600, 10 * LONG_TRIALS))  # a trial takes up to ~2 s on a busy machine
 @pytest.mark.parametrize("name", WRITER_PARAMS)
 def test_kill_during_write_long(name, tmp_path, tiny_dir, tally):
     writer = _writer(name, tmp_path, tiny_dir)
