@@ -1,4 +1,4 @@
-"""Exact spectra of dW: the QR route (MULTILORA.md §5) vs a dense SVD of each dW, in one run.
+"""Exact spectra of dW: the QR route (docs/method.md §5) vs a dense SVD of each dW, in one run.
 
     python benchmarks/bench_analyze.py [--threads 1] [--layers 30]
 

@@ -99,7 +99,7 @@ RATIOS = [
 # The naive per-module loop (the thing the fused layer exists to avoid)
 # --------------------------------------------------------------------------------------------
 class LoopMultiLoRALinear(nn.Module):
-    """MultiLoRA (MULTILORA.md §2) computed literally: one low-rank path per module, in a loop.
+    """MultiLoRA (docs/method.md §2) computed literally: one low-rank path per module, in a loop.
 
     y = W0 x + b + sum_i (alpha / r) s_i * (B_i (A_i x)); same parameter names and shapes as
     multilora.MultiLoRALinear, so weights can be copied across for the equivalence check.

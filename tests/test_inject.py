@@ -42,7 +42,7 @@ def test_gpt2_conv1d_modules_are_adapted():
 def test_pattern_matching_nothing_lists_the_linear_layers():
     with pytest.raises(ml.MultiLoRAError, match=r"match no linear layer.*c_attn \(2\), c_fc \(2\), c_proj \(4\)"):
         ml.inject(make_tiny("gpt2"), ml.MultiLoRAConfig(targets=["q_proj"]))
-    with pytest.raises(ml.MultiLoRAError, match="valid regular expression"):
+    with pytest.raises(ml.MultiLoRAError, match="not a valid regular expression"):
         ml.inject(make_tiny("gpt2"), ml.MultiLoRAConfig(targets="(unclosed"))
 
 

@@ -20,7 +20,7 @@ from .export import (OVERWRITE_HELP, add_export_serving_arguments, add_import_pe
                      run_export_peft_cli, run_import_peft_cli)
 from .sweep import add_sweep_arguments, run_sweep_cli
 from .tasks import list_tasks
-from .train import add_train_arguments
+from .train import add_train_arguments, run_train_cli
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -49,13 +49,6 @@ def cmd_tasks(args: argparse.Namespace) -> None:
         splits = ", ".join(f"{k} {v:,}" for k, v in row["rows"].items())
         table.add_row(row["name"], row["family"], splits, row["source"], row["note"])
     Console().print(table)
-
-
-def cmd_train(args: argparse.Namespace, overrides: list[str]) -> None:
-    """Train LoRA, MultiLoRA or full fine-tuning from a YAML config."""
-    from .train import run_train_cli
-
-    run_train_cli(args, overrides)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train LoRA / MultiLoRA / full fine-tuning from a YAML config")
     add_train_arguments(p)
-    p.set_defaults(func=cmd_train)
+    p.set_defaults(func=run_train_cli)
 
     p = sub.add_parser("eval", help="per-task scores of a run, adapter, PEFT adapter or model",
                        description="Evaluate a run folder, adapter folder, PEFT adapter, model folder or "

@@ -1,4 +1,4 @@
-"""Export a MultiLoRA adapter as a standard PEFT LoRA adapter (MULTILORA.md §4) or as a merged model.
+"""Export a MultiLoRA adapter as a standard PEFT LoRA adapter (docs/method.md §4) or as a merged model.
 
 After training, MultiLoRA is a rank-(n r) LoRA:
 

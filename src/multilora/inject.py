@@ -69,8 +69,8 @@ class MultiLoRAConfig:
             try:
                 re.compile(t)
             except re.error as e:
-                p.append(OptionProblem("targets", f"must be a valid regular expression ({e}) or a list of module "
-                                                  "suffixes (e.g. [q_proj, v_proj])"))
+                p.append(OptionProblem("targets", f"targets {t!r} is not a valid regular expression ({e}); fix it "
+                                                  "or list module suffixes (e.g. [q_proj, v_proj])"))
         return p
 
     @classmethod

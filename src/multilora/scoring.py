@@ -1,6 +1,6 @@
 """Scoring a model: multiple choice by log-likelihood, response perplexity, greedy generations, progress.
 
-Multiple choice (MULTILORA.md §7). For a prompt p and a choice c = (c_1 .. c_m) (tokenized
+Multiple choice (docs/method.md §7). For a prompt p and a choice c = (c_1 .. c_m) (tokenized
 separately, as in training):
 
     ll(c)      = sum_k log P(c_k | p, c_<k)          the choice's log-likelihood  -> `acc`

@@ -1,4 +1,4 @@
-"""Singular-value spectra of weight updates dW and their metrics (MULTILORA.md §5): the math of `analyze`.
+"""Singular-value spectra of weight updates dW and their metrics (docs/method.md §5): the math of `analyze`.
 
 For a low-rank update dW = B A (B: (d_out, k), A: (k, d_in), k = n r) the singular values are
 computed exactly without forming the dense (d_out, d_in) matrix:
