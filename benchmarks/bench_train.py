@@ -23,7 +23,7 @@ def setup(method: str, args: argparse.Namespace, rows: list[dict], tasks: list[s
     from multilora.inject import MultiLoRAConfig, inject
     from multilora.models import load_model
     from multilora.loss import token_losses
-    from multilora.train import param_groups
+    from multilora.plan import param_groups
 
     torch.manual_seed(0)
     model, tok = load_model(args.model)

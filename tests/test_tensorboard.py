@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from multilora.run import read_metrics
-from multilora.train import add_train_arguments, run_train_cli
+from multilora.cli import add_train_arguments, run_train_cli
 
 pytest.importorskip("tensorboard")
 

@@ -24,7 +24,8 @@ from multilora.config import load_config
 from multilora.errors import MultiLoRAError
 from multilora.loss import token_losses
 from multilora.run import Run, checkpoint_dirs, read_metrics
-from multilora.train import add_train_arguments, build_plan, run_train_cli, train
+from multilora.cli import add_train_arguments, run_train_cli
+from multilora.train import build_plan, train
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
@@ -152,7 +153,7 @@ def test_eval_fn_hook_results_go_to_metrics(tiny_dir, tmp_path):
 def test_long_responses_are_cut_to_max_len(tiny_dir):
     from multilora.data import IGNORE, Example
     from multilora.models import load_model
-    from multilora.train import tokenize
+    from multilora.plan import tokenize
 
     _, tok = load_model(tiny_dir)
     config = load_config(None, ["--data.max_len", "32"])
@@ -428,7 +429,7 @@ def test_two_processes_match_one(tiny_dir, tmp_path):
 
 
 def test_optimizer_groups_carry_the_lr_multipliers(tiny_dir, tmp_path):
-    from multilora.train import make_optimizer
+    from multilora.plan import make_optimizer
 
     config = load_config(None, overrides(tiny_dir, tmp_path / "r", **{"optim.lr": 1e-3, "optim.weight_decay": 0.1,
                                                                       "optim.s_lr_mult": 10, "optim.b_lr_mult": 4}))

@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
+from . import train as training  # looked up at call time: tests stub training.train / build_plan
 from ._version import __version__
 from .analyze import add_analyze_arguments, run_analyze_cli
+from .config import help_text, load_config, valid_keys
 from .demo import DEFAULT_STEPS, EVAL_LIMIT, QUICK_EVAL_LIMIT, QUICK_STEPS, run_demo
 from .errors import MultiLoRAError
 from .evaluate import add_eval_arguments, run_eval_cli
@@ -20,7 +23,74 @@ from .export import (OVERWRITE_HELP, add_export_serving_arguments, add_import_pe
                      run_export_peft_cli, run_import_peft_cli)
 from .sweep import add_sweep_arguments, run_sweep_cli
 from .tasks import list_tasks
-from .train import add_train_arguments, run_train_cli
+
+
+TRAIN_HELP = f"""Train LoRA, MultiLoRA or full fine-tuning from a YAML config.
+
+Every key can be overridden on the command line as --section.key VALUE (values are YAML:
+--adapter.n 4 --optim.lr 3e-4 --data.tasks [alpaca,rte]). Sections and defaults:
+{help_text()}
+
+Writes the run folder output_dir: config.yaml, adapter.safetensors + adapter_config.json (or the
+full weights), checkpoints/step-N/, metrics.jsonl. Ctrl-C saves a checkpoint; --resume continues.
+"""
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    """Add `multilora train`'s arguments (overrides are the unknown --section.key VALUE pairs)."""
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.description = TRAIN_HELP
+    p.allow_abbrev = False  # --train.max_step must be an unknown key (with a suggestion), not train.max_steps
+    p.add_argument("config", nargs="?", default=None, help="YAML config (e.g. recipes/demo-multilora.yaml); "
+                   "optional with --resume")
+    p.add_argument("--resume", metavar="RUN", default=None, help="continue the run folder RUN from its newest checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+    p.add_argument("--dry-run", action="store_true", help="validate the config, build the training plan, print it; no training")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--report-to", choices=REPORT_TO, default=None,
+                   help="also log loss (overall and per task), lr, grad norm, tokens/s and evaluations to "
+                        "TensorBoard event files in the run folder (needs `pip install tensorboard`; the same "
+                        "as --train.log_tensorboard true); 'none': metrics.jsonl only (the default)")
+    for key in valid_keys():  # known so that their values are never taken for the CONFIG positional
+        p.add_argument(f"--{key}", dest=f"{_OVERRIDE}{key}", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+
+_OVERRIDE = "override:"
+REPORT_TO = ("tensorboard", "none")  # --report-to X: train.log_tensorboard (metrics.jsonl is always written)
+
+
+def _overrides_from(args: argparse.Namespace, extra: list[str]) -> list[str]:
+    """The --section.key VALUE pairs argparse parsed, followed by the ones it left over."""
+    known = [x for k, v in vars(args).items() if k.startswith(_OVERRIDE) for x in (f"--{k[len(_OVERRIDE):]}", v)]
+    extra = list(extra)
+    if args.config is not None and not Path(args.config).is_file():  # the value of an unknown --key, taken as CONFIG
+        for i, tok in enumerate(extra):
+            if tok.startswith("--") and "=" not in tok and (i + 1 == len(extra) or extra[i + 1].startswith("--")):
+                extra.insert(i + 1, args.config)
+                args.config = None
+                break
+    return known + extra
+
+
+def run_train_cli(args: argparse.Namespace, overrides: list[str]) -> None:
+    """The `multilora train` command: load + validate the config, then train (or resume, or dry-run)."""
+    overrides = _overrides_from(args, overrides)
+    report_to = getattr(args, "report_to", None)
+    if report_to is not None:  # last, so it wins over a --train.log_tensorboard given too
+        overrides += ["--train.log_tensorboard", "true" if report_to == "tensorboard" else "false"]
+    if args.config is None and args.resume is None:
+        raise MultiLoRAError("name a config file (multilora train recipes/demo-multilora.yaml) or --resume RUN")
+    if args.resume is not None:
+        given = load_config(args.config, overrides) if args.config is not None else None
+        config = training.resolve_resume(args.resume, given, overrides if given is None else None)
+    else:
+        config = load_config(args.config, overrides)
+    if getattr(args, "dry_run", False):
+        plan = training.build_plan(config)
+        print(plan.describe())
+        return
+    training.train(config, resume=args.resume, overwrite=args.overwrite,
+                   progress=not getattr(args, "no_progress", False))
 
 
 def cmd_export(args: argparse.Namespace) -> None:

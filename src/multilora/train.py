@@ -4,7 +4,7 @@
     run_dir = train(config)                       # runs/<name>/ (see run.py for what it holds)
     train(None, resume=run_dir)                   # continue from the newest complete checkpoint
 
-The torchtune shape: `build_plan` (model, method, data, length), `setup` (accelerate, optimizer,
+The torchtune shape: `plan.build_plan` (model, method, data, length), `setup` (accelerate, optimizer,
 schedule, the run folder, resume), `train_step` (one optimizer step: accumulation, reduction, the
 non-finite guard) and `train` (the loop: when to evaluate, save and log).
 
@@ -19,10 +19,8 @@ sampler position, so a resumed run sees exactly the batches the uninterrupted ru
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
-import random
 import shlex
 import signal
 import sys
@@ -33,189 +31,23 @@ from typing import Any, Callable
 
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
-from accelerate.utils import DistributedType, set_seed
+from accelerate.utils import DistributedType
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
-from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
 
-from .config import TrainConfig, config_from_flat, flatten, help_text, load_config, valid_keys
-from .data import IGNORE, Example, MixtureSampler, collate, tokenize_example
+from .config import TrainConfig, config_from_flat, flatten
+from .data import IGNORE, collate
 from .errors import MultiLoRAError
-from .inject import count_parameters, inject
 from .io import check_writable_dir, read_json_object
 from .loss import token_losses
-from .models import load_model
+from .plan import HeldoutLoss, Plan, build_plan, continue_schedule, make_optimizer, make_scheduler, tokenize
 from .run import SAMPLER_FILE, STATE_FILE, Run, register_state_hooks
-from .tasks import get_task, load_examples
 
 # keys a resumed run may change (how long, how often); everything else must match the saved config
 RESUMABLE_CHANGES = ("train.max_steps", "train.epochs", "train.eval_every", "train.save_every",
                      "train.keep_last", "train.log_every", "train.log_tensorboard")
 
 EvalFn = Callable[[nn.Module], dict[str, float]]
-
-
-@dataclass
-class Plan:
-    """Everything a run needs before the loop starts: model, data, sampler, parameter groups, length."""
-
-    config: TrainConfig
-    model: nn.Module
-    tokenizer: Any
-    tasks: list[str]
-    train_examples: dict[str, list[Example]]
-    eval_examples: dict[str, list[Example]]
-    sampler: MixtureSampler
-    param_groups: list[dict]
-    total_steps: int
-    global_batch: int
-    num_processes: int
-    counts: dict[str, int] = field(default_factory=dict)  # trainable / frozen / per group
-
-    def describe(self) -> str:
-        """A few lines: method, parameters, data, schedule."""
-        c = self.config
-        groups = ", ".join(f"{g['name']}: {sum(p.numel() for p in g['params']):,} "
-                           f"(lr {g['lr']:g}, wd {g['weight_decay']})" for g in self.param_groups)
-        sizes = ", ".join(f"{t} {len(v):,}" for t, v in self.train_examples.items())
-        return (f"{c.method} on {c.model}: trainable {self.counts['trainable']:,} / frozen {self.counts['frozen']:,} "
-                f"parameters ({100 * self.counts['trainable'] / max(1, self.counts['total']):.3f}%); groups {groups}\n"
-                f"tasks: {sizes} ({c.data.mixture} mixture)\n"
-                f"{self.total_steps} steps x global batch {self.global_batch} "
-                f"({c.train.batch_size} x {c.train.grad_accum} accum x {self.num_processes} processes), "
-                f"lr {c.optim.lr:g} {c.optim.schedule}, warmup {c.optim.warmup_steps}")
-
-
-# ----------------------------------------------------------------------------- plan
-
-
-def build_plan(config: TrainConfig, num_processes: int = 1) -> Plan:
-    """Load the model, apply the method, load the data and size the run; no training."""
-    set_seed(config.train.seed)  # before injection: adapter init draws from the RNG
-    model, tokenizer = load_model(config.model)
-    if config.method == "full":
-        for p in model.parameters():
-            p.requires_grad_(True)
-    else:
-        inject(model, config.adapter)
-    trainable, total = count_parameters(model)
-    o = config.optim
-    groups = param_groups(model, o.lr, o.weight_decay, s_lr_mult=o.s_lr_mult, b_lr_mult=o.b_lr_mult)
-
-    tasks = list(config.data.tasks)
-    train_examples = {t: load_examples(t) for t in tasks}
-    for t in tasks:  # fail now, not mid-run, on a template or tokenizer problem
-        tokenize(train_examples[t][0], tokenizer, config)
-    eval_examples = {}
-    for t in tasks:
-        if config.data.eval_examples <= 0:
-            break
-        pool = load_examples(t, get_task(t).eval_split)
-        k = min(config.data.eval_examples, len(pool))
-        eval_examples[t] = random.Random(f"eval:{t}").sample(pool, k)  # fixed, independent of the seed
-    sampler = MixtureSampler({t: len(v) for t, v in train_examples.items()}, config.data.mixture,
-                             config.data.temperature, config.data.weights, seed=config.train.seed)
-    global_batch = config.train.batch_size * config.train.grad_accum * num_processes
-    if config.train.max_steps is not None:
-        total_steps = config.train.max_steps
-    else:
-        total_steps = max(1, math.ceil(config.train.epochs * sum(map(len, train_examples.values())) / global_batch))
-    if config.optim.warmup_steps >= total_steps:
-        raise MultiLoRAError(f"optim.warmup_steps = {config.optim.warmup_steps} must be below the run's "
-                             f"{total_steps} steps; lower it or train longer")
-    return Plan(config, model, tokenizer, tasks, train_examples, eval_examples, sampler, groups, total_steps,
-                global_batch, num_processes, {"trainable": trainable, "total": total, "frozen": total - trainable})
-
-
-def param_groups(model: nn.Module, lr: float, weight_decay: float, s_lr_mult: float = 1.0,
-                 b_lr_mult: float = 1.0) -> list[dict]:
-    """AdamW groups of the trainable parameters, each with its own lr and weight decay.
-
-    "decay": matrices (lr, weight_decay); "lora_B": the B factors (lr x b_lr_mult, weight_decay);
-    "scales": MultiLoRA's s (lr x s_lr_mult, no decay); "no_decay": other 1-D tensors (lr, no decay).
-    """
-    groups = {"decay": {"lr": lr, "weight_decay": weight_decay},
-              "lora_B": {"lr": lr * b_lr_mult, "weight_decay": weight_decay},
-              "scales": {"lr": lr * s_lr_mult, "weight_decay": 0.0},
-              "no_decay": {"lr": lr, "weight_decay": 0.0}}
-    members: dict[str, list[nn.Parameter]] = {name: [] for name in groups}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if name.endswith("lora_s"):
-            members["scales"].append(p)
-        elif name.endswith("lora_B"):
-            members["lora_B"].append(p)
-        else:
-            members["decay" if p.ndim >= 2 else "no_decay"].append(p)
-    return [{"name": name, "params": members[name], **opts} for name, opts in groups.items() if members[name]]
-
-
-def make_optimizer(plan: Plan) -> torch.optim.AdamW:
-    """AdamW over the plan's parameter groups, each with its own lr and weight decay."""
-    o = plan.config.optim
-    return torch.optim.AdamW(
-        [{"params": g["params"], "lr": g["lr"], "weight_decay": g["weight_decay"]} for g in plan.param_groups],
-        lr=o.lr, betas=tuple(o.betas), eps=o.eps)
-
-
-def make_scheduler(optimizer: torch.optim.Optimizer, schedule: str, warmup: int, total: int) -> Any:
-    """Linear warmup to the peak lr, then linear or cosine decay to 0 at `total` steps."""
-    make = get_cosine_schedule_with_warmup if schedule == "cosine" else get_linear_schedule_with_warmup
-    return make(optimizer, num_warmup_steps=warmup, num_training_steps=total)
-
-
-def continue_schedule(scheduler: Any, step: int) -> None:
-    """Set every group's lr to the schedule's value at `step` (after a resume that changed the run's length).
-
-    A checkpoint restores the optimizer's lrs and the scheduler's last lr as the old schedule left
-    them; the schedule itself is rebuilt from the current config, so without this the first resumed
-    step would run at the old schedule's lr (0 at its end) and the next one jump onto the new curve.
-    """
-    inner = getattr(scheduler, "scheduler", scheduler)  # accelerate wraps it
-    lrs = [base * fn(step) for base, fn in zip(inner.base_lrs, inner.lr_lambdas)]
-    for group, lr in zip(inner.optimizer.param_groups, lrs):
-        group["lr"] = lr
-    inner._last_lr = lrs  # what get_last_lr() reports until the next scheduler.step()
-
-
-def tokenize(ex: Example, tokenizer: Any, config: TrainConfig) -> dict:
-    """One training row; a response longer than data.max_len is cut (keeping up to half the window of prompt)."""
-    return tokenize_example(ex, tokenizer, config.data.max_len, config.data.chat, truncate=True)
-
-
-class HeldoutLoss:
-    """The default evaluation: response-token loss per task on the plan's fixed held-out examples.
-
-    Each process scores its share of the examples and the sums are added across processes; every
-    process runs the same number of forward passes (FSDP and DeepSpeed need that).
-    """
-
-    def __init__(self, plan: Plan, accelerator: Any) -> None:
-        self.rows = [tokenize(ex, plan.tokenizer, plan.config) for t in plan.tasks for ex in plan.eval_examples.get(t, [])]
-        self.accelerator, self.tasks, self.pad = accelerator, plan.tasks, plan.tokenizer.pad_token_id
-        self.batch_size = plan.config.train.batch_size
-
-    @torch.no_grad()
-    def __call__(self, model: nn.Module) -> dict[str, float]:
-        acc, bs, n_tasks = self.accelerator, self.batch_size, len(self.tasks)
-        mine = self.rows[acc.process_index::acc.num_processes]
-        n_batches = -(-len(self.rows) // (acc.num_processes * bs))  # the same on every process
-        sums = torch.zeros(n_tasks, dtype=torch.float64, device=acc.device)
-        counts = torch.zeros(n_tasks, dtype=torch.float64, device=acc.device)
-        for i in range(n_batches):
-            part, weight = mine[i * bs:(i + 1) * bs], 1.0
-            if not part:  # this process ran out: a dummy batch that counts for nothing
-                part, weight = self.rows[:1], 0.0
-            batch = {k: v.to(acc.device) for k, v in collate(part, self.pad, self.tasks).items()}
-            s, c = token_losses(model, batch, n_tasks)
-            sums += s.double() * weight
-            counts += c.double() * weight
-        total = acc.reduce(torch.cat([sums, counts]), "sum").cpu()
-        sums, counts = total[:n_tasks], total[n_tasks:]
-        out = {"loss": float(sums.sum() / counts.sum().clamp(min=1))}
-        out |= {f"loss/{t}": float(sums[i] / counts[i]) for i, t in enumerate(self.tasks) if counts[i] > 0}
-        return out
 
 
 # ----------------------------------------------------------------------------- setup
@@ -556,91 +388,7 @@ def _progress(enabled: bool, total: int, start: int) -> tuple[Any, Any] | None:
     return bar, task
 
 
-# ----------------------------------------------------------------------------- CLI
+if __name__ == "__main__":  # python -m multilora.train CONFIG [...] (what accelerate launch -m runs)
+    from .cli import main  # deferred: cli imports this module
 
-
-TRAIN_HELP = f"""Train LoRA, MultiLoRA or full fine-tuning from a YAML config.
-
-Every key can be overridden on the command line as --section.key VALUE (values are YAML:
---adapter.n 4 --optim.lr 3e-4 --data.tasks [alpaca,rte]). Sections and defaults:
-{help_text()}
-
-Writes the run folder output_dir: config.yaml, adapter.safetensors + adapter_config.json (or the
-full weights), checkpoints/step-N/, metrics.jsonl. Ctrl-C saves a checkpoint; --resume continues.
-"""
-
-
-def add_train_arguments(p: argparse.ArgumentParser) -> None:
-    """Add `multilora train`'s arguments (overrides are the unknown --section.key VALUE pairs)."""
-    p.formatter_class = argparse.RawDescriptionHelpFormatter
-    p.description = TRAIN_HELP
-    p.allow_abbrev = False  # --train.max_step must be an unknown key (with a suggestion), not train.max_steps
-    p.add_argument("config", nargs="?", default=None, help="YAML config (e.g. recipes/demo-multilora.yaml); "
-                   "optional with --resume")
-    p.add_argument("--resume", metavar="RUN", default=None, help="continue the run folder RUN from its newest checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
-    p.add_argument("--dry-run", action="store_true", help="validate the config, build the training plan, print it; no training")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--report-to", choices=REPORT_TO, default=None,
-                   help="also log loss (overall and per task), lr, grad norm, tokens/s and evaluations to "
-                        "TensorBoard event files in the run folder (needs `pip install tensorboard`; the same "
-                        "as --train.log_tensorboard true); 'none': metrics.jsonl only (the default)")
-    for key in valid_keys():  # known so that their values are never taken for the CONFIG positional
-        p.add_argument(f"--{key}", dest=f"{_OVERRIDE}{key}", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-
-
-_OVERRIDE = "override:"
-REPORT_TO = ("tensorboard", "none")  # --report-to X: train.log_tensorboard (metrics.jsonl is always written)
-
-
-def _overrides_from(args: argparse.Namespace, extra: list[str]) -> list[str]:
-    """The --section.key VALUE pairs argparse parsed, followed by the ones it left over."""
-    known = [x for k, v in vars(args).items() if k.startswith(_OVERRIDE) for x in (f"--{k[len(_OVERRIDE):]}", v)]
-    extra = list(extra)
-    if args.config is not None and not Path(args.config).is_file():  # the value of an unknown --key, taken as CONFIG
-        for i, tok in enumerate(extra):
-            if tok.startswith("--") and "=" not in tok and (i + 1 == len(extra) or extra[i + 1].startswith("--")):
-                extra.insert(i + 1, args.config)
-                args.config = None
-                break
-    return known + extra
-
-
-def run_train_cli(args: argparse.Namespace, overrides: list[str]) -> None:
-    """The `multilora train` command: load + validate the config, then train (or resume, or dry-run)."""
-    overrides = _overrides_from(args, overrides)
-    report_to = getattr(args, "report_to", None)
-    if report_to is not None:  # last, so it wins over a --train.log_tensorboard given too
-        overrides += ["--train.log_tensorboard", "true" if report_to == "tensorboard" else "false"]
-    if args.config is None and args.resume is None:
-        raise MultiLoRAError("name a config file (multilora train recipes/demo-multilora.yaml) or --resume RUN")
-    if args.resume is not None:
-        given = load_config(args.config, overrides) if args.config is not None else None
-        config = resolve_resume(args.resume, given, overrides if given is None else None)
-    else:
-        config = load_config(args.config, overrides)
-    if getattr(args, "dry_run", False):
-        plan = build_plan(config)
-        print(plan.describe())
-        return
-    train(config, resume=args.resume, overwrite=args.overwrite, progress=not getattr(args, "no_progress", False))
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m multilora.train CONFIG [...]` (the same as `multilora train`); returns the exit code."""
-    p = argparse.ArgumentParser(prog="multilora train")
-    add_train_arguments(p)
-    args, overrides = p.parse_known_args(argv)
-    try:
-        run_train_cli(args, overrides)
-    except MultiLoRAError as e:
-        print(f"multilora train: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("multilora train: interrupted", file=sys.stderr)
-        return 130
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["train", *sys.argv[1:]]))
