@@ -14,11 +14,13 @@ import pytest
 from safetensors.torch import load_file
 
 import multilora.analyze
-from multilora import sweep
+from multilora import sweep, sweep_report
 from multilora.cli import main
 from multilora.errors import MultiLoRAError
 from multilora.run import FINISHED, Run, checkpoint_dirs, read_metrics
-from multilora.sweep import combination_label, expand_grid, run_sweep, short_names, split_values, summarize
+from multilora.sweep import run_sweep
+from multilora.sweep_grid import combination_label, expand_grid, short_names, split_values
+from multilora.sweep_report import summarize
 
 GRID = [["adapter.n=1,2", "adapter.init=multilora,lora"]]
 NAMES = ["n=1__init=multilora__seed=0", "n=1__init=lora__seed=0", "n=2__init=multilora__seed=0",
@@ -261,7 +263,7 @@ def test_a_failed_analysis_leaves_nan_and_a_note(done, tmp_path, monkeypatch):
     base, out, _ = done
     copy = tmp_path / "copy"
     shutil.copytree(out, copy)
-    (copy / "analysis" / sweep.ANALYSIS_NOTES).unlink()  # analyze again
+    (copy / "analysis" / sweep_report.ANALYSIS_NOTES).unlink()  # analyze again
     real = multilora.analyze._analyze_multilora
 
     def broken(d, *args, **kwargs):
@@ -325,7 +327,7 @@ def test_summarize_needs_a_sweep_folder(tmp_path):
 
 
 def test_plot_panels_skip_keys_that_move_together():
-    from multilora.sweep import independent_keys
+    from multilora.sweep_report import independent_keys
 
     rows = [{"method": m, "adapter.r": r, "optim.s_lr_mult": s}
             for m, r, s in [("lora", "24", "1.0"), ("multilora", "8", "1.0"), ("multilora", "8", "30.0")]]

@@ -35,8 +35,8 @@ from .io import check_writable_dir, write_json_atomic
 from .models import DEFAULT_MODEL, TINY_MODEL, cache_dir, embedded_model_cached, embedded_model_path, tiny_model_path
 from .report import headline, mean_accuracy, write_report
 from .run import Run
-from .sweep import (EVAL_LIMIT, analyze_runs, check_existing, evaluate_target, run_finished_at, train_run,
-                    trainable_parameters)
+from .sweep import EVAL_LIMIT, analyze_runs, check_existing, evaluate_target, run_finished_at, train_run
+from .sweep_report import trainable_parameters
 from .tasks import PAPER_MIXTURE, get_task, load_examples
 from .tasks import eval_limit as per_task_limit  # run_demo's eval_limit argument has the name
 
