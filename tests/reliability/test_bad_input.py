@@ -87,11 +87,11 @@ def no_work(monkeypatch):
             raise WorkStarted(f"{what} started before the bad input was refused: {args[:2]!r}")
         return sentinel
 
-    sweep, targets = (importlib.import_module(f"multilora.{m}") for m in ("sweep", "targets"))
+    sweep, targets, plan = (importlib.import_module(f"multilora.{m}") for m in ("sweep", "targets", "plan"))
     monkeypatch.setattr(train, "train", started("training"))
     monkeypatch.setattr(sweep, "train", started("training"))  # the sweep and the demo train through sweep.train_run
     monkeypatch.setattr(train, "build_plan", started("build_plan (model loading)"))
-    for module in (models, train, targets):  # every module that calls load_model under its own name
+    for module in (models, plan, targets):  # every module that calls load_model under its own name
         monkeypatch.setattr(module, "load_model", started("model loading"))
     original_prepare = demo._prepare_model
     monkeypatch.setattr(demo, "_prepare_model", lambda name, console: (
