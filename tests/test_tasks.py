@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from multilora.data import data_root
+from multilora.data import BUNDLED, data_root
 from multilora.errors import MultiLoRAError
 from multilora.tasks import (DEFAULT_EVAL_TASKS, PAPER_MIXTURE, TASKS, alpaca, eval_items, eval_limit, get_task,
                              list_tasks, load_custom, load_custom_items, load_examples, load_items, mmlu, superglue)
@@ -253,7 +253,7 @@ def test_missing_files_and_missing_data_root(tmp_path, monkeypatch):
     monkeypatch.setenv("MULTILORA_DATA", str(DATA))
     assert len(load_examples("rte")) == 2490
     monkeypatch.delenv("MULTILORA_DATA")
-    assert data_root() == DATA  # ../shared/data beside the repository
+    assert data_root() == BUNDLED  # the data shipped in the package (no ../shared/data needed)
 
 
 def test_malformed_json_line_reports_file_and_line(tmp_path):

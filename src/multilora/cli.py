@@ -112,7 +112,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 def cmd_tasks(args: argparse.Namespace) -> None:
     """Print the task registry: name, family, rows per split, source."""
-    table = Table(title="multilora tasks (data: $MULTILORA_DATA or ../shared/data)")
+    table = Table(title="multilora tasks (data: $MULTILORA_DATA, else the copy bundled with the package)")
     for col in ("task", "family", "rows per split", "source", "note"):
         table.add_column(col)
     for row in list_tasks(subjects=args.subjects):

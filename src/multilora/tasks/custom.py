@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import codecs
 import csv
+import gzip
 import io
 import json
 import re
+import zlib
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -24,11 +26,17 @@ Row = tuple[str, dict]  # (location such as "data.jsonl:12", the row's fields)
 
 
 def read_rows(path: str | Path, fieldnames: Sequence[str] | None = None) -> list[Row]:
-    """Rows of a .jsonl, .json (list of objects, or JSON lines) or .csv file (header row unless `fieldnames`)."""
+    """Rows of a .jsonl, .json (list of objects, or JSON lines) or .csv file (header row unless `fieldnames`).
+
+    A gzipped file (`rows.jsonl.gz`) is read the same way; locations name the .gz file and count its
+    uncompressed lines.
+    """
     path = Path(path)
     if not path.is_file():
         raise MultiLoRAError(f"{path}: file not found; check the path")
     suffix = path.suffix.lower()
+    if suffix == ".gz":  # rows.jsonl.gz: the type is the suffix before .gz
+        suffix = Path(path.stem).suffix.lower()
     if suffix == ".jsonl":
         rows = _read_jsonl(path)
     elif suffix == ".json":
@@ -36,7 +44,8 @@ def read_rows(path: str | Path, fieldnames: Sequence[str] | None = None) -> list
     elif suffix == ".csv":
         rows = _read_csv(path, fieldnames)
     else:
-        raise MultiLoRAError(f"{path}: unsupported file type {suffix!r}; use .jsonl, .json or .csv")
+        raise MultiLoRAError(f"{path}: unsupported file type {suffix!r}; use .jsonl, .json or .csv "
+                             "(each also gzipped, as .jsonl.gz)")
     if not rows:
         raise MultiLoRAError(f"{path}: no rows, so the task would be empty; add data or drop the task")
     return rows
@@ -48,6 +57,12 @@ def _read_text(path: Path) -> str:
         data = path.read_bytes()
     except OSError as e:
         raise MultiLoRAError(f"{path}: cannot read it ({e.strerror or e}); check the file's permissions") from None
+    if path.suffix.lower() == ".gz":
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
+            raise MultiLoRAError(f"{path}: not a readable gzip file ({e}); re-compress it, or use the plain "
+                                 "file without .gz") from None
     data = data.removeprefix(codecs.BOM_UTF8)
     try:
         return data.decode("utf-8")
