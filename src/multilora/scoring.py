@@ -1,4 +1,4 @@
-"""Scoring a model: multiple choice by log-likelihood, response perplexity, greedy generations, progress.
+"""Scoring a model: multiple choice by log-likelihood, response perplexity, generations, progress.
 
 Multiple choice (docs/method.md §7). For a prompt p and a choice c = (c_1 .. c_m) (tokenized
 separately, as in training):
@@ -237,21 +237,57 @@ def response_nll(model: nn.Module, tokenizer: Any, examples: Sequence[Example], 
             "perplexity": math.exp(nll / count) if count else float("nan")}
 
 
-def generate_samples(model: nn.Module, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int = 64,
-                     chat: bool = False) -> list[dict]:
-    """Greedy continuations of `prompts` (one at a time, no padding): [{"prompt", "output"}]."""
+def generate_texts(model: nn.Module, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int = 64,
+                   chat: bool = False, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0) -> list[dict]:
+    """Continuations of `prompts`, one at a time (no padding): [{"prompt", "output", "new_tokens", "stop"}].
+
+    Greedy when `temperature` is 0, else sampled from softmax(logits / temperature) cut to the
+    smallest set of tokens holding `top_p` of the probability (no top-k). Prompt i is sampled with
+    the seed `seed + i` in a forked RNG, so an output depends only on (model, prompt, settings, seed, i)
+    and the caller's random state is left as it was. `stop` is "eos" or "length". A prompt too long
+    for the model's positions loses its oldest tokens (after BOS), as in training.
+    """
+    if not (isinstance(max_new_tokens, int) and max_new_tokens >= 1):
+        raise MultiLoRAError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
+        raise MultiLoRAError(f"temperature must be a number >= 0 (0: greedy), got {temperature!r}")
+    if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+        raise MultiLoRAError(f"top_p must be in (0, 1], got {top_p!r}")
     device = next(model.parameters()).device
     pad = pad_id(tokenizer)
+    room = max_length(model) - max_new_tokens  # prompt tokens that fit
+    if room < 1:
+        raise MultiLoRAError(f"max_new_tokens {max_new_tokens} leaves no room for a prompt in the model's "
+                             f"{max_length(model)} positions; ask for fewer tokens")
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None) or tokenizer.eos_token_id
+    eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos])
+    sampling = {"do_sample": True, "temperature": float(temperature), "top_p": float(top_p), "top_k": 0} \
+        if temperature > 0 else {"do_sample": False}
     out = []
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode():
-            for prompt in prompts:
-                ids = torch.tensor([encode_prompt(prompt, tokenizer, chat)], device=device)  # (1, T)
-                new = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                     max_new_tokens=max_new_tokens, pad_token_id=pad)[0, ids.shape[1]:]
-                out.append({"prompt": prompt, "output": tokenizer.decode(new, skip_special_tokens=True)})
+            for i, prompt in enumerate(prompts):
+                ids = encode_prompt(prompt, tokenizer, chat)
+                if len(ids) > room:
+                    keep_bos = 1 if ids[:1] == [tokenizer.bos_token_id] else 0
+                    ids = ids[:keep_bos] + ids[len(ids) - room + keep_bos:]
+                ids_t = torch.tensor([ids], device=device)  # (1, T)
+                with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                    torch.manual_seed(seed + i)
+                    new = model.generate(input_ids=ids_t, attention_mask=torch.ones_like(ids_t), pad_token_id=pad,
+                                         max_new_tokens=max_new_tokens, **sampling)[0, ids_t.shape[1]:]  # (N,)
+                stop = "eos" if new.numel() and int(new[-1]) in eos_ids else "length"
+                out.append({"prompt": prompt, "output": tokenizer.decode(new, skip_special_tokens=True),
+                            "new_tokens": int(new.numel()), "stop": stop})
     finally:
         model.train(was_training)
     return out
+
+
+def generate_samples(model: nn.Module, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int = 64,
+                     chat: bool = False) -> list[dict]:
+    """Greedy continuations of `prompts` (one at a time, no padding): [{"prompt", "output"}]."""
+    return [{"prompt": row["prompt"], "output": row["output"]}
+            for row in generate_texts(model, tokenizer, prompts, max_new_tokens, chat)]
