@@ -85,6 +85,8 @@ def test_compare_base_adapter_rows_differ_and_base_rows_equal_the_base_model(ada
     prompts = generate_module.collect_prompts(PROMPTS)
     lib = generate_module.generate(str(adapter_dir), prompts, compare_base=True, max_new_tokens=NEW)
     assert [r["output"] for r in lib] == [r["output"] for r in rows]
+    plain = generate_module.generate(str(adapter_dir), PROMPTS, max_new_tokens=NEW)  # plain strings work too
+    assert [r["output"] for r in plain] == tuned and plain[0]["source"] == "prompt 0"
     ml.export_peft(adapter_dir, tmp_path / "peft")
     peft_rows = generate_module.generate(str(tmp_path / "peft"), prompts, compare_base=True, max_new_tokens=NEW)
     assert [r["output"] for r in peft_rows] == [r["output"] for r in rows]

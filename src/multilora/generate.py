@@ -114,16 +114,19 @@ def base_source(target: str, model: str | None = None) -> str | None:
     return base
 
 
-def generate(target: str, prompts: Sequence[Prompt], model: str | None = None, compare_base: bool = False,
+def generate(target: str, prompts: Sequence[Prompt | str], model: str | None = None, compare_base: bool = False,
              max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
              chat: bool = False) -> list[dict]:
-    """Outputs of `target` for `prompts` (and, with `compare_base`, of its base model): one row per (prompt, model).
+    """Outputs of `target` for `prompts` (strings or `collect_prompts`' Prompts) and, with `compare_base`, of
+    its base model: one row per (prompt, model).
 
     A row: index (of the prompt), source, prompt, model ("target" or "base"), name (the target or base
     model), output, new_tokens, stop ("eos" / "length"), and reference (a task's gold response) when known.
     `model` is the base model an adapter is loaded on (default: the one it records), and what a model
     folder is compared with.
     """
+    prompts = [p if isinstance(p, Prompt) else Prompt(_text(p, f"prompt {i}"), f"prompt {i}")
+               for i, p in enumerate(prompts)]
     base = base_source(target, model) if compare_base else None
     net, tokenizer, identity = resolve_target(target, model)
     settings = {"max_new_tokens": max_new_tokens, "chat": chat, "temperature": temperature, "top_p": top_p,
