@@ -31,8 +31,8 @@ from .scoring import generate_samples, max_length, response_nll, score_choices
 from .tables import (EVAL_NAME, column_labels, compare, flat_metrics, generations_table, read_result, result_table,
                      summary_rows)
 from .targets import model_identity, resolve_target
-from .tasks import DEFAULT_EVAL_TASKS, eval_items, get_task, load_examples
-from .tasks.metrics import accuracy, mmlu_metrics, multirc_metrics
+from .tasks import DEFAULT_EVAL_TASKS, eval_items, eval_task_names, get_task, load_examples
+from .tasks.metrics import accuracy, exact_match, mmlu_metrics, multirc_metrics
 from .tasks.mmlu import CATEGORY as MMLU_CATEGORY
 from .tasks.mmlu import MAX_SHOTS
 
@@ -48,10 +48,13 @@ def _evaluate_task(model: nn.Module, tokenizer: Any, task: str, shots: int, limi
     info = get_task(task)
     if info.items is None:  # evaluated by response perplexity
         examples = load_examples(task, split=info.eval_split, root=root)[:limit]
-        return {"kind": "perplexity", "split": info.eval_split, "n": len(examples),
-                **response_nll(model, tokenizer, examples, batch_size, chat, progress, label=task),
-                "chance": float(len(tokenizer)),  # a uniform guess over the vocabulary
-                "prompt_example": render(examples[0].prompt, tokenizer, chat)}
+        res = {"kind": "perplexity", "split": info.eval_split, "n": len(examples),
+               **response_nll(model, tokenizer, examples, batch_size, chat, progress, label=task),
+               "chance": float(len(tokenizer)),  # a uniform guess over the vocabulary
+               "prompt_example": render(examples[0].prompt, tokenizer, chat)}
+        if info.generation:  # an own short-answer task: greedy outputs against the responses
+            res |= _exact_match(model, tokenizer, examples, chat, save_items)
+        return res
     items = eval_items(task, shots, limit, root)
     scores = score_choices(model, tokenizer, items, batch_size, chat, progress, label=task)
     res = {"kind": "multiple_choice", "split": info.eval_split, "shots": shots if info.few_shot else 0,
@@ -59,6 +62,23 @@ def _evaluate_task(model: nn.Module, tokenizer: Any, task: str, shots: int, limi
            "choices": items[0].choices}
     if save_items:
         res["items"] = scores
+    return res
+
+
+def _exact_match(model: nn.Module, tokenizer: Any, examples: list, chat: bool, save_items: bool) -> dict:
+    """exact_match of greedy outputs (as long as the longest answer, + 2 tokens) against the responses."""
+    longest = max(len(tokenizer(ex.response, add_special_tokens=False)["input_ids"]) for ex in examples)
+    by_chat: dict[bool, list[int]] = {}  # a chat: true task's prompts go through the chat template
+    for i, ex in enumerate(examples):
+        by_chat.setdefault(chat or ex.messages is not None, []).append(i)
+    outputs = [""] * len(examples)
+    for use_chat, idx in by_chat.items():
+        samples = generate_samples(model, tokenizer, [examples[i].prompt for i in idx], longest + 2, use_chat)
+        for i, sample in zip(idx, samples):
+            outputs[i] = sample["output"]
+    res = {"exact_match": exact_match(outputs, [ex.response for ex in examples]), "exact_match_chance": 0.0}
+    if save_items:
+        res["outputs"] = [{"output": out, "answer": ex.response} for out, ex in zip(outputs, examples)]
     return res
 
 
@@ -125,7 +145,8 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("target", nargs="?", default=None,
                    help="run or adapter folder, PEFT adapter folder, model folder, or 'smollm2-135m'")
     p.add_argument("--tasks", default=",".join(DEFAULT_EVAL_TASKS),
-                   help=f"comma-separated tasks (default: {','.join(DEFAULT_EVAL_TASKS)}); `multilora tasks` lists them")
+                   help=f"comma-separated tasks and YAML task files (default: {','.join(DEFAULT_EVAL_TASKS)}); "
+                   "`multilora tasks` lists the bundled ones; a run's own tasks are known by name")
     p.add_argument("--shots", type=int, default=0, help="MMLU k-shot from the dev split, 0..5 (default: 0)")
     p.add_argument("--limit", type=int, default=None,
                    help="at most N items per task (per MMLU subject, per MultiRC question)")
@@ -167,6 +188,7 @@ def run_eval_cli(args: argparse.Namespace) -> None:
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not tasks:
         raise MultiLoRAError(f"--tasks {args.tasks!r} names no task; e.g. --tasks {','.join(DEFAULT_EVAL_TASKS)}")
+    tasks = eval_task_names(args.tasks, args.target)  # task files read, own tasks (also the run's) registered
     for task in tasks:
         get_task(task)  # fail on a typo before loading a model
     for name, value, low in (("--generate", args.generate, 0), ("--max-new-tokens", args.max_new_tokens, 1),

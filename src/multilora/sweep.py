@@ -33,7 +33,7 @@ from .io import write_json_atomic
 from .run import Run
 from .sweep_grid import combination_label, expand_grid, swept_keys, value_text
 from .sweep_report import ANALYSIS_DIR, ANALYSIS_NOTES, MANIFEST, cached_json, summarize
-from .tasks import MMLU_SUBJECTS_SHARE, eval_limit, get_task
+from .tasks import MMLU_SUBJECTS_SHARE, eval_limit, get_task, task_names
 from .train import train
 
 EVAL_LIMIT = 40  # items per task (per MMLU subject: 40 // 20 = 2), a few minutes per model on 2 cores
@@ -104,7 +104,7 @@ def eval_tasks(tasks: str | Sequence[str] | None, runs: list[dict[str, Any]], li
     if limit == 0:
         return []
     if tasks is None:
-        tasks = [t for r in runs for t in r["config"].data.tasks]
+        tasks = [t for r in runs for t in task_names(r["config"].data.tasks)]  # own tasks are specs
     elif isinstance(tasks, str):
         tasks = [t.strip() for t in tasks.split(",")]
     tasks = list(dict.fromkeys(t for t in tasks if t))

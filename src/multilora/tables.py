@@ -36,6 +36,8 @@ def summary_rows(result: dict) -> list[tuple[str, str, Any, Any, Any]]:
         if r["kind"] == "perplexity":
             rows.append((task, "perplexity", r["perplexity"], r["chance"], r["n"]))
             rows.append((task, "nll/token", r["nll_per_token"], math.log(r["chance"]), r["tokens"]))
+            if "exact_match" in r:  # an own short-answer task (metric: exact_match)
+                rows.append((task, "exact_match", r["exact_match"], r["exact_match_chance"], r["n"]))
             continue
         if "categories" in r:  # MMLU: micro and macro over subjects, each category
             rows.append((task, "acc (micro)", r["acc"], r["chance"], r["n"]))

@@ -6,6 +6,8 @@
     get_task("multirc").metrics(scores)    # the task's metrics of its item scores
     list_tasks()                  # name, rows per split, source (for `multilora tasks`)
 
+Own tasks (YAML specs, `tasks.spec`) are registered by `resolve_tasks`/`use_tasks` (loading a
+config does it) and are then found by `get_task` like the bundled ones.
 Loaders take the split and `root` (the data folder; default `multilora.data.data_root()`).
 Each task also owns its evaluation rules: its metrics, what an evaluation `limit` counts (items,
 MultiRC questions, items per MMLU subject) and whether it takes k-shot prompts.
@@ -24,9 +26,11 @@ from ..errors import MultiLoRAError
 from . import alpaca, mmlu, superglue
 from .custom import load_custom, load_custom_items
 from .metrics import accuracy, mmlu_metrics, multirc
+from .spec import USER_TASKS, eval_task_names, mixture_weights, resolve_tasks, task_names, use_tasks
 
 __all__ = ["TASKS", "TaskInfo", "PAPER_MIXTURE", "DEFAULT_EVAL_TASKS", "MMLU_SUBJECTS_SHARE", "get_task",
-           "eval_limit", "eval_items", "list_tasks", "load_examples", "load_items", "load_custom", "load_custom_items"]
+           "eval_limit", "eval_items", "list_tasks", "load_examples", "load_items", "load_custom", "load_custom_items",
+           "USER_TASKS", "eval_task_names", "mixture_weights", "resolve_tasks", "task_names", "use_tasks"]
 
 # The paper's mixture: instruction following, world knowledge (MMLU trains on val, evaluates on test), NLU
 PAPER_MIXTURE = ("alpaca", "mmlu", "boolq", "rte", "wic")
@@ -63,6 +67,7 @@ class TaskInfo:
     limit_share: int = 1  # eval_limit: `limit // limit_share` (per part) gives about `limit` items in all
     few_shot: bool = False  # its items take k solved examples first (`shots`)
     parts: tuple[str, ...] = ()  # evaluated as these tasks, each limited on its own, scored together
+    generation: bool = False  # also scored by exact match of greedy outputs (an own task's metric: exact_match)
 
 
 def _registry() -> dict[str, TaskInfo]:
@@ -99,7 +104,9 @@ def get_task(name: str) -> TaskInfo:
         raise MultiLoRAError(f"a task name must be a string such as 'rte', got {type(name).__name__} {name!r:.80}")
     if name in TASKS:
         return TASKS[name]
-    close = difflib.get_close_matches(name, TASKS, n=1)
+    if name in USER_TASKS:
+        return USER_TASKS[name]
+    close = difflib.get_close_matches(name, [*TASKS, *USER_TASKS], n=1)
     hint = f"did you mean {close[0]!r}? " if close else ""
     known = [n for n in TASKS if not n.startswith("mmlu_")] + ["mmlu_<subject>"]
     raise MultiLoRAError(f"unknown task {name!r}; {hint}known tasks: {', '.join(known)} "

@@ -43,8 +43,10 @@ def read_rows(path: str | Path, fieldnames: Sequence[str] | None = None) -> list
         rows = _read_json(path)
     elif suffix == ".csv":
         rows = _read_csv(path, fieldnames)
+    elif suffix == ".parquet":
+        rows = _read_parquet(path)
     else:
-        raise MultiLoRAError(f"{path}: unsupported file type {suffix!r}; use .jsonl, .json or .csv "
+        raise MultiLoRAError(f"{path}: unsupported file type {suffix!r}; use .jsonl, .json, .csv or .parquet "
                              "(each also gzipped, as .jsonl.gz)")
     if not rows:
         raise MultiLoRAError(f"{path}: no rows, so the task would be empty; add data or drop the task")
@@ -137,6 +139,17 @@ def _read_csv(path: Path, fieldnames: Sequence[str] | None) -> list[Row]:
     finally:
         csv.field_size_limit(limit)
     return rows
+
+
+def _read_parquet(path: Path) -> list[Row]:
+    import pyarrow.parquet as pq  # only for .parquet files: importing it is slow
+
+    try:
+        table = pq.read_table(path)
+    except Exception as e:  # pyarrow raises several types for a file that is not Parquet
+        raise MultiLoRAError(f"{path}: not a readable Parquet file ({type(e).__name__}: "
+                             f"{_short(str(e).splitlines()[0] if str(e) else '')}); check the file") from None
+    return [(f"{path} row {i}", row) for i, row in enumerate(table.to_pylist())]
 
 
 def _short(text: str, limit: int = 80) -> str:

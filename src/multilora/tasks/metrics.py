@@ -7,14 +7,19 @@ the registry (`tasks.TASKS`) names which function a task uses:
     accuracy        acc, acc_norm, chance, n
     multirc         accuracy + F1a over all answers and exact match per question (group)
     mmlu_metrics    accuracy + each subject, the four Hendrycks categories, macro over subjects
+
+`exact_match` scores greedy outputs against answers (own tasks with metric: exact_match).
 """
 
 from __future__ import annotations
 
 import math
+import string
 from typing import Any, Iterable, Sequence
 
 from .mmlu import CATEGORY, CATEGORY_SUBJECTS
+
+_PUNCTUATION = frozenset(string.punctuation)
 
 
 def mean(values: Iterable[float]) -> float:
@@ -73,3 +78,15 @@ def mmlu_metrics(scores: Sequence[dict]) -> dict:
     return {**overall, "acc_macro": mean(v["acc"] for v in subjects.values()),
             "acc_norm_macro": mean(v["acc_norm"] for v in subjects.values()),
             "categories": categories, "subjects": subjects}
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD's answer normalisation: lower case, no punctuation, no articles (a, an, the), single spaces."""
+    text = "".join(c for c in text.lower() if c not in _PUNCTUATION)
+    return " ".join(w for w in text.split() if w not in ("a", "an", "the"))
+
+
+def exact_match(outputs: Sequence[str], answers: Sequence[str]) -> float:
+    """Share of outputs whose first line equals the answer after `normalize_answer`."""
+    hits = [normalize_answer(out.strip().split("\n")[0]) == normalize_answer(ans) for out, ans in zip(outputs, answers)]
+    return mean(hits)
