@@ -15,7 +15,7 @@ from multilora.cli import main
 from multilora.data import IGNORE, Example, chat_segments, tokenize_example
 from multilora.errors import MultiLoRAError
 from multilora.tasks import get_task, load_examples, load_items, use_tasks
-from multilora.tasks.spec import gold_indices
+from multilora.tasks.custom import gold_indices
 
 CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
                  "{% if add_generation_prompt %}<|assistant|>{% endif %}")
@@ -183,8 +183,8 @@ def test_boolean_labels_are_refused(tmp_path):
 def test_a_label_outside_the_set_names_its_row(tmp_path):
     path = write_csv(tmp_path / "r.csv", ["text", "label"], [["a", "positive"], ["b", "neutral"]])
     spec = {"name": "out", "path": str(path), "format": "classification", "labels": ["negative", "positive"], "eval": None}
-    with pytest.raises(MultiLoRAError, match=r"r\.csv:3: label 'neutral' is outside the label set \(one of \['negative', "
-                                             r"'positive'\] or an index 0\.\.1\); fix the row"):
+    with pytest.raises(MultiLoRAError, match=r"r\.csv:3: label 'neutral' is outside the label set \(an index 0\.\.1 or one "
+                                             r"of \['negative', 'positive'\]\); fix the row"):
         use_tasks([spec])
     with pytest.raises(MultiLoRAError, match=r"r\.csv:2: label 'positive' is outside the label set \(an index 0\.\.1\)"):
         use_tasks([{**spec, "label_type": "index"}])
@@ -454,3 +454,57 @@ def test_chat_task_perplexity_covers_assistant_tokens_only(tmp_path, tiny_dir):
     prompt, answer = "<|user|>Hi\n<|assistant|>", "Hello there.\n"
     assert r["tokens"] == len(tok(answer, add_special_tokens=False)["input_ids"])
     assert r["nll"] == pytest.approx(-_ll(model, tok, prompt, answer), rel=1e-5)
+
+
+def test_a_datasets_folder_and_a_parquet_file_work_like_a_file(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    rows = [{"review": "fine", "y": 1}, {"review": "poor", "y": 0}]
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "ds"))
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "r.parquet"))
+    for path in (tmp_path / "ds", tmp_path / "r.parquet"):
+        name = use_tasks([{"name": "dsr", "path": str(path), "format": "classification", "eval": None,
+                           "labels": ["bad", "good"], "fields": {"text": "review", "label": "y"}}])[0]
+        assert [(i.prompt, i.gold) for i in load_items(name, "train")] == [("fine\nAnswer:", 1), ("poor\nAnswer:", 0)]
+
+
+def test_eval_none_trains_only_and_evaluation_says_so(tmp_path):
+    from multilora.evaluate import evaluate
+    from multilora.models import tiny_model
+
+    path = write_jsonl(tmp_path / "c.jsonl", [{"prompt": "a", "response": "b"}])
+    name = use_tasks([{"name": "noeval", "path": str(path), "format": "completion", "eval": None}])[0]
+    assert get_task(name).splits == ("train",) and len(load_examples(name)) == 1
+    with pytest.raises(MultiLoRAError, match="task 'noeval' has no 'val' split \\(eval: none\\); give eval: "):
+        evaluate(tiny_model(), None, [name])
+
+
+def test_load_custom_items_refuses_ambiguous_and_boolean_labels(tmp_path):
+    from multilora.tasks import load_custom_items
+
+    path = write_jsonl(tmp_path / "n.jsonl", [{"p": "Pick", "c": ["2", "3", "0", "1"], "l": "0"}])
+    with pytest.raises(MultiLoRAError, match=r"n\.jsonl:1: l '0' is ambiguous"):
+        load_custom_items(path, "p", "c", "l")
+    assert load_custom_items(path, "p", "c", "l", label_type="index")[0].gold == 0
+    assert load_custom_items(path, "p", "c", "l", label_type="text")[0].gold == 2
+    path = write_jsonl(tmp_path / "b.jsonl", [{"p": "Q", "c": ["no", "yes"], "l": True}])
+    with pytest.raises(MultiLoRAError, match=r"b\.jsonl:1: l true is a boolean"):
+        load_custom_items(path, "p", "c", "l")
+
+
+def test_a_long_conversation_keeps_its_last_assistant_tokens(tok):
+    from multilora.models import embedded_tokenizer
+
+    tok = embedded_tokenizer()
+    tok.chat_template = CHAT_TEMPLATE
+    ex = Example("c", "", "", (("user", "word " * 40), ("assistant", "yes")))
+    full = tokenize_example(ex, tok, 10_000)
+    row = tokenize_example(ex, tok, 12)
+    assert row["input_ids"] == full["input_ids"][-12:] and row["labels"] == full["labels"][-12:]
+    late = Example("c", "", "", (("user", "hi"), ("assistant", "ok"), ("user", "word " * 40)))
+    with pytest.raises(MultiLoRAError, match="its last assistant turn does not fit in 24"):
+        tokenize_example(late, tok, 24)
+    cut, whole = tokenize_example(late, tok, 24, truncate=True), tokenize_example(late, tok, 10_000)
+    assert cut["input_ids"] == whole["input_ids"][:24] and cut["labels"] == whole["labels"][:24]
+    assert tok.decode([i for i, lab in zip(cut["input_ids"], cut["labels"]) if lab != IGNORE]) == "ok\n"
+    with pytest.raises(MultiLoRAError, match="a conversation starts with an assistant message"):
+        tokenize_example(Example("c", "", "", (("assistant", "ok"),)), tok, 12)

@@ -5,6 +5,8 @@ that any problem with it is reported where it is.
 
 Prompt, response and choices are used verbatim (as in TRL's prompt-completion format): put the
 separator you want between prompt and response into the data, e.g. a response " yes".
+`gold_indices` reads labels (an index or a choice text; ambiguous and boolean labels are refused);
+YAML task specs (`tasks.spec`) build on these readers.
 """
 
 from __future__ import annotations
@@ -211,6 +213,69 @@ def label_index(value: Any, labels: Sequence[Any], where: str, field: str = "lab
     raise MultiLoRAError(f"{where}: {field} {shown} is not in the label set ({allowed}); fix the row")
 
 
+def _as_text(value: Any, texts: Sequence[str]) -> int | None:
+    text = value if isinstance(value, str) else str(value) if isinstance(value, int) else None
+    return texts.index(text) if text is not None and text in texts else None
+
+
+def _as_index(value: Any, n: int) -> int | None:
+    if isinstance(value, str) and re.fullmatch(r"\s*-?[0-9]{1,18}\s*", value):  # digits in a CSV cell
+        value = int(value)
+    return value if isinstance(value, int) and 0 <= value < n else None
+
+
+def gold_indices(labels: Sequence[tuple[str, Any, Sequence[str]]], label_type: str | None,
+                 field_name: str = "label") -> list[int]:
+    """The gold index of each (where, label value, label texts): by `label_type`, else the one reading every row fits.
+
+    A value is read as a text (a label text, or a number whose digits are one) or as an index
+    (an integer, or digits in a CSV cell). Booleans are refused; so is a value that fits no reading.
+    """
+    for where, value, texts in labels:
+        if isinstance(value, bool):
+            raise MultiLoRAError(f"{where}: {field_name} {json.dumps(value)} is a boolean, which would silently "
+                                 f"count as {int(value)}; write the label text (one of {_show(list(texts), 120)}) or "
+                                 "its index")
+        if not isinstance(value, (str, int)):
+            raise MultiLoRAError(f"{where}: {field_name} {_show(value)} must be a label text or an index; fix the row")
+    as_text = [_as_text(v, texts) for _, v, texts in labels]
+    as_index = [_as_index(v, len(texts)) for _, v, texts in labels]
+
+    def refuse(i: int, reading: str) -> MultiLoRAError:
+        where, value, texts = labels[i]
+        allowed = (f"an index 0..{len(texts) - 1}" if reading == "index" else
+                   f"one of {_show(list(texts), 160)}" if reading == "text" else
+                   f"an index 0..{len(texts) - 1} or one of {_show(list(texts), 160)}")
+        return MultiLoRAError(f"{where}: {field_name} {_show(value)} is outside the label set ({allowed}); fix the row")
+
+    if label_type is not None:
+        chosen = as_index if label_type == "index" else as_text
+        for i, gold in enumerate(chosen):
+            if gold is None:
+                raise refuse(i, label_type)
+        return chosen  # type: ignore[return-value]
+    text_ok, index_ok = None not in as_text, None not in as_index
+    if text_ok and index_ok:
+        differ = [i for i in range(len(labels)) if as_text[i] != as_index[i]]
+        if differ:
+            where, value, texts = labels[differ[0]]
+            raise MultiLoRAError(f"{where}: {field_name} {_show(value)} is ambiguous: the text of choice "
+                                 f"{as_text[differ[0]]} ({_show(texts[as_text[differ[0]]])}) or index {as_index[differ[0]]}; "
+                                 "set label_type: index or label_type: text in the task spec")
+        return as_text  # type: ignore[return-value]
+    if text_ok:
+        return as_text  # type: ignore[return-value]
+    if index_ok:
+        return as_index  # type: ignore[return-value]
+    for i in range(len(labels)):
+        if as_text[i] is None and as_index[i] is None:
+            raise refuse(i, "either")
+    t = next(i for i in range(len(labels)) if as_index[i] is None)
+    x = next(i for i in range(len(labels)) if as_text[i] is None)
+    raise MultiLoRAError(f"the {field_name} column mixes label texts ({labels[t][0]}: {_show(labels[t][1])}) and "
+                         f"indices ({labels[x][0]}: {_show(labels[x][1])}); set label_type and write every row that way")
+
+
 def check_split(task: str, split: str, splits: Sequence[str]) -> None:
     """A MultiLoRAError unless `split` is one of the task's splits."""
     if not isinstance(split, str) or split not in splits:
@@ -265,33 +330,27 @@ def _choices(row: dict, field: str, where: str) -> list[str]:
     return value
 
 
-def _gold(row: dict, field: str, choices: list[str], where: str) -> int:
-    value = need(row, field, where, (int, str))
-    if isinstance(value, str) and value in choices:
-        return choices.index(value)
-    if isinstance(value, str) and re.fullmatch(r"\s*-?[0-9]{1,18}\s*", value):  # "1" in a CSV cell
-        value = int(value)
-    if isinstance(value, int) and 0 <= value < len(choices):
-        return value
-    raise MultiLoRAError(f"{where}: {field} {_show(value)} is outside the label set (an index 0..{len(choices) - 1} "
-                         f"or one of {_show(choices, 200)}); fix the row")
-
-
 def load_custom_items(source: str | Path, prompt_field: str, choices_field: str, label_field: str,
-                      task_name: str | None = None, split: str = "train") -> list[MCItem]:
-    """Multiple-choice items from the user's data: label = index into the choices, or the choice text."""
+                      task_name: str | None = None, split: str = "train",
+                      label_type: str | None = None) -> list[MCItem]:
+    """Multiple-choice items from the user's data: label = index into the choices, or the choice text.
+
+    `label_type` ("index" or "text") says which; without it each row's label must read one way only
+    (a label "0" among choices ["2", "0"] is refused as ambiguous). Booleans are refused.
+    """
     task = task_name or Path(source).stem
     items = []
     for where, row in custom_rows(source, split):
         choices = _choices(row, choices_field, where)
-        items.append(MCItem(task, need(row, prompt_field, where), choices,
-                            _gold(row, label_field, choices, where)))
+        prompt = need(row, prompt_field, where)
+        gold = gold_indices([(where, need(row, label_field, where, (object,)), choices)], label_type, label_field)[0]
+        items.append(MCItem(task, prompt, choices, gold))
     return items
 
 
 def load_custom(source: str | Path, prompt_field: str, response_field: str | None = None,
                 choices_field: str | None = None, label_field: str | None = None,
-                task_name: str | None = None, split: str = "train") -> list[Example]:
+                task_name: str | None = None, split: str = "train", label_type: str | None = None) -> list[Example]:
     """Training examples from the user's data: prompt -> response, or prompt -> the gold choice."""
     task = task_name or Path(source).stem
     if response_field is not None:
@@ -300,4 +359,4 @@ def load_custom(source: str | Path, prompt_field: str, response_field: str | Non
     if choices_field is None or label_field is None:
         raise MultiLoRAError(f"custom task {task!r}: give response_field, or choices_field and label_field")
     return [item.example() for item in
-            load_custom_items(source, prompt_field, choices_field, label_field, task, split)]
+            load_custom_items(source, prompt_field, choices_field, label_field, task, split, label_type)]

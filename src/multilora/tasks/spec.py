@@ -50,7 +50,7 @@ import yaml
 from ..data import Example, MCItem, split_bucket
 from ..errors import MultiLoRAError
 from . import alpaca
-from .custom import _choices, _show, custom_rows, need
+from .custom import _choices, _show, custom_rows, gold_indices, need
 
 FORMATS = ("instruction", "completion", "chat", "choice", "classification")
 ROLES = {  # format -> its fields (the columns they read by default have the same names)
@@ -362,6 +362,9 @@ def _messages(row: dict, spec: Spec, where: str) -> tuple[tuple[str, str], ...]:
         if role not in CHAT_ROLES:
             raise MultiLoRAError(f"{at}: role {_show(role)} is not one of {', '.join(CHAT_ROLES)}; fix the row")
         out.append((role, need(m, "content", at)))
+    if out[0][0] == "assistant":
+        raise MultiLoRAError(f"{where}: the conversation starts with an assistant message; put a user (or system) "
+                             "message first")
     if not any(role == "assistant" for role, _ in out):
         raise MultiLoRAError(f"{where}: the conversation has no assistant message, so nothing to train on; "
                              "add one or drop the row")
@@ -416,69 +419,6 @@ def _item(row: dict, spec: Spec, where: str) -> tuple[MCItem, Any, list[str]]:
         targets, texts = [f" {label}" for label in spec.labels], list(spec.labels)
     label = _field(row, spec, "label", where, (object,))
     return MCItem(spec.name, prompt, targets, -1), label, texts
-
-
-def _as_text(value: Any, texts: Sequence[str]) -> int | None:
-    text = value if isinstance(value, str) else str(value) if isinstance(value, int) else None
-    return texts.index(text) if text is not None and text in texts else None
-
-
-def _as_index(value: Any, n: int) -> int | None:
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit() and len(value.strip()) <= 18:
-        value = int(value)
-    return value if isinstance(value, int) and 0 <= value < n else None
-
-
-def gold_indices(labels: Sequence[tuple[str, Any, Sequence[str]]], label_type: str | None,
-                 field_name: str = "label") -> list[int]:
-    """The gold index of each (where, label value, label texts): by `label_type`, else the one reading every row fits.
-
-    A value is read as a text (a label text, or a number whose digits are one) or as an index
-    (an integer, or digits in a CSV cell). Booleans are refused; so is a value that fits no reading.
-    """
-    for where, value, texts in labels:
-        if isinstance(value, bool):
-            raise MultiLoRAError(f"{where}: {field_name} {json.dumps(value)} is a boolean, which would silently "
-                                 f"count as {int(value)}; write the label text (one of {_show(list(texts), 120)}) or "
-                                 "its index")
-        if not isinstance(value, (str, int)):
-            raise MultiLoRAError(f"{where}: {field_name} {_show(value)} must be a label text or an index; fix the row")
-    as_text = [_as_text(v, texts) for _, v, texts in labels]
-    as_index = [_as_index(v, len(texts)) for _, v, texts in labels]
-
-    def refuse(i: int, reading: str) -> MultiLoRAError:
-        where, value, texts = labels[i]
-        allowed = (f"an index 0..{len(texts) - 1}" if reading == "index" else
-                   f"one of {_show(list(texts), 160)}" if reading == "text" else
-                   f"one of {_show(list(texts), 160)} or an index 0..{len(texts) - 1}")
-        return MultiLoRAError(f"{where}: {field_name} {_show(value)} is outside the label set ({allowed}); fix the row")
-
-    if label_type is not None:
-        chosen = as_index if label_type == "index" else as_text
-        for i, gold in enumerate(chosen):
-            if gold is None:
-                raise refuse(i, label_type)
-        return chosen  # type: ignore[return-value]
-    text_ok, index_ok = None not in as_text, None not in as_index
-    if text_ok and index_ok:
-        differ = [i for i in range(len(labels)) if as_text[i] != as_index[i]]
-        if differ:
-            where, value, texts = labels[differ[0]]
-            raise MultiLoRAError(f"{where}: {field_name} {_show(value)} is ambiguous: the text of choice "
-                                 f"{as_text[differ[0]]} ({_show(texts[as_text[differ[0]]])}) or index {as_index[differ[0]]}; "
-                                 "set label_type: index or label_type: text in the task spec")
-        return as_text  # type: ignore[return-value]
-    if text_ok:
-        return as_text  # type: ignore[return-value]
-    if index_ok:
-        return as_index  # type: ignore[return-value]
-    for i in range(len(labels)):
-        if as_text[i] is None and as_index[i] is None:
-            raise refuse(i, "either")
-    t = next(i for i in range(len(labels)) if as_index[i] is None)
-    x = next(i for i in range(len(labels)) if as_text[i] is None)
-    raise MultiLoRAError(f"the {field_name} column mixes label texts ({labels[t][0]}: {_show(labels[t][1])}) and "
-                         f"indices ({labels[x][0]}: {_show(labels[x][1])}); set label_type and write every row that way")
 
 
 def _split_of(key: str, share: float) -> str:
