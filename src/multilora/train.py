@@ -15,6 +15,8 @@ is scaled by the global label-token count, accelerate averages gradients over pr
 divides by `grad_accum`). Gradient accumulation, clipping, mixed precision, DDP/FSDP/DeepSpeed and
 checkpoint state (optimizer, scheduler, RNG) are accelerate's; a checkpoint also holds the
 sampler position, so a resumed run sees exactly the batches the uninterrupted run would.
+DDP, FSDP2 (recipes/accelerate/fsdp2.yaml) and DeepSpeed ZeRO-2 (deepspeed-zero2.yaml) were run on 2 CPU
+processes, matching 1 process and resuming after a kill (tests/test_distributed.py); not yet on GPUs.
 """
 
 from __future__ import annotations
@@ -128,6 +130,8 @@ def setup(config: TrainConfig, accelerator: Any, run: Run, resume: bool, eval_fn
     optimizer = make_optimizer(plan)
     scheduler = make_scheduler(optimizer, cfg.optim.schedule, cfg.optim.warmup_steps, plan.total_steps)
     plan.model.train()
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        configure_deepspeed(accelerator, cfg)
     model, optimizer, scheduler = accelerator.prepare(plan.model, optimizer, scheduler)
     if accelerator.distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED):
         register_state_hooks(accelerator, accelerator.unwrap_model(model))
@@ -144,6 +148,23 @@ def setup(config: TrainConfig, accelerator: Any, run: Run, resume: bool, eval_fn
         accelerator.init_trackers("tensorboard")
     session.say(plan.describe())
     return session
+
+
+def configure_deepspeed(accelerator: Any, config: TrainConfig) -> None:
+    """Give DeepSpeed's engine the run's micro-batch and optim.grad_clip (it clips inside its step).
+
+    accelerate would otherwise fill a config's 'auto' clipping with 1.0 whatever optim.grad_clip says;
+    a different number written in the DeepSpeed config is refused.
+    """
+    ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
+    if ds_config.get("train_micro_batch_size_per_gpu", "auto") == "auto":  # no dataloader to take it from
+        ds_config["train_micro_batch_size_per_gpu"] = config.train.batch_size
+    given, grad_clip = ds_config.get("gradient_clipping", "auto"), config.optim.grad_clip
+    if given == "auto":
+        ds_config["gradient_clipping"] = float(grad_clip)  # 0: no clipping, as in optim.grad_clip
+    elif float(given) != float(grad_clip):
+        raise MultiLoRAError(f"the DeepSpeed config clips gradients at {given} but optim.grad_clip is {grad_clip}; "
+                             f"set optim.grad_clip {given} or leave gradient_clipping out of the DeepSpeed config")
 
 
 def restore(s: Session) -> tuple[int, float]:
@@ -183,10 +204,16 @@ def train_step(s: Session, rows: list[dict]) -> dict:
     """One optimizer step on one global batch (every process gets all `rows` and trains on its slice).
 
     Returns the step's record (loss overall and per task, each group's lr, grad norm, tokens).
-    A non-finite loss or gradient norm raises MultiLoRAError before the weights change.
+    A non-finite loss or gradient norm raises MultiLoRAError before the weights change. Under
+    DeepSpeed the engine clips and steps inside the last micro-batch's backward: the loss is checked
+    (agreed over processes) before each backward, so a non-finite loss still stops the run before the
+    weights change; a non-finite gradient norm with a finite loss is seen only after the engine's step
+    (the error says so), and with fp16 the engine's loss scaler skips such steps itself.
     """
     acc, plan, cfg = s.accelerator, s.plan, s.plan.config
     t0 = time.perf_counter()
+    engine_steps = acc.distributed_type == DistributedType.DEEPSPEED  # clips and steps inside backward
+    lrs = s.scheduler.get_last_lr()  # this step's lrs: read before DeepSpeed's backward steps the schedule
     n_tasks, bs, k = len(plan.tasks), cfg.train.batch_size, cfg.train.grad_accum
     world, rank = acc.num_processes, acc.process_index
     n_labels = sum(sum(1 for x in r["labels"][1:] if x != IGNORE) for r in rows)  # global label tokens
@@ -200,6 +227,8 @@ def train_step(s: Session, rows: list[dict]) -> dict:
         tokens += sum(len(r["input_ids"]) for r in mine)
         with acc.accumulate(s.model):
             part_sums, part_counts = token_losses(s.model, batch, n_tasks)
+            if engine_steps:
+                check_loss_before_engine_step(s, part_sums)
             # sum over my tokens / all tokens of the step, x world (DDP averages) x k (backward divides)
             acc.backward(part_sums.sum() * (world * k / n_labels))
         sums += part_sums.detach().double()
@@ -209,14 +238,18 @@ def train_step(s: Session, rows: list[dict]) -> dict:
     sums, counts, tokens = stats[:n_tasks], stats[n_tasks:2 * n_tasks], float(stats[-1])
     loss = float(sums.sum() / counts.sum())
     clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-    grad_norm = float(acc.clip_grad_norm_(s.model.parameters(), clip))
-    # fp16's grad scaler skips steps with overflowing gradients itself; anything else non-finite stops the run
-    if not (math.isfinite(loss) and (math.isfinite(grad_norm) or acc.scaler is not None)):
+    # DeepSpeed: the norm its engine computed at the step it already took (accelerator.clip_grad_norm_
+    # returns engine.get_global_grad_norm()), None where the engine has none
+    norm = acc.clip_grad_norm_(s.model.parameters(), clip)
+    grad_norm = float(norm) if norm is not None else None
+    # fp16's grad scaler (or DeepSpeed's loss scaler) skips steps with overflowing gradients itself;
+    # anything else non-finite stops the run
+    skips_overflow = acc.scaler is not None or (engine_steps and acc.mixed_precision == "fp16")
+    if not (math.isfinite(loss) and (grad_norm is None or math.isfinite(grad_norm) or skips_overflow)):
         s.optimizer.zero_grad()
         bad = [t for i, t in enumerate(plan.tasks) if not math.isfinite(float(sums[i]))]
-        raise nonfinite_error(s.run, s.step + 1, loss, grad_norm, bad)
-    lrs = s.scheduler.get_last_lr()
-    s.optimizer.step()
+        raise nonfinite_error(s.run, s.step + 1, loss, grad_norm, bad, updated=engine_steps)
+    s.optimizer.step()  # under DeepSpeed accelerate's optimizer and scheduler wrappers do nothing here
     s.scheduler.step()
     s.optimizer.zero_grad()
     s.step += 1
@@ -224,17 +257,34 @@ def train_step(s: Session, rows: list[dict]) -> dict:
     return {"step": s.step, "loss": loss,
             **{f"loss/{t}": float(sums[i] / counts[i]) for i, t in enumerate(plan.tasks) if counts[i] > 0},
             "lr": lrs[0], **{f"lr/{g['name']}": lr for g, lr in zip(plan.param_groups, lrs)},
-            "grad_norm": grad_norm, "tokens": int(tokens), "tokens_per_s": tokens / elapsed}
+            **({"grad_norm": grad_norm} if grad_norm is not None else {}),
+            "tokens": int(tokens), "tokens_per_s": tokens / elapsed}
 
 
-def nonfinite_error(run: Run, step: int, loss: float, grad_norm: float, tasks: list[str]) -> MultiLoRAError:
-    """The message of a run stopped by a NaN/inf loss or gradient norm."""
+def check_loss_before_engine_step(s: Session, part_sums: torch.Tensor) -> None:
+    """Under DeepSpeed (which steps inside backward): raise if any process's micro-batch loss is non-finite.
+
+    Every process takes part in the same reduction, so all of them stop at the same micro-batch.
+    """
+    sums = s.accelerator.reduce(part_sums.detach().double(), "sum")  # NaN/inf anywhere stays NaN/inf
+    total = float(sums.sum())
+    if not math.isfinite(total):
+        bad = [t for i, t in enumerate(s.plan.tasks) if not math.isfinite(float(sums[i]))]
+        raise nonfinite_error(s.run, s.step + 1, total, None, bad)
+
+
+def nonfinite_error(run: Run, step: int, loss: float, grad_norm: float | None, tasks: list[str],
+                    updated: bool = False) -> MultiLoRAError:
+    """The message of a run stopped by a NaN/inf loss or gradient norm (`updated`: DeepSpeed already stepped)."""
     done = run.checkpoints()
     keep = f"the last good checkpoint is {done[-1][1]}" if done else "no checkpoint was saved yet"
+    stopped = ("DeepSpeed's engine had already updated the weights of this step (it steps inside backward), "
+               "nothing was saved after it, and " if updated else "the run stopped before updating the weights and ")
+    norm = f", grad norm {grad_norm}" if grad_norm is not None else ""
     return MultiLoRAError(
         f"non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} at step {step} "
-        f"(loss {loss}, grad norm {grad_norm}{', tasks ' + ', '.join(tasks) if tasks else ''}); "
-        f"the run stopped before updating the weights and {keep}. Lower optim.lr, set "
+        f"(loss {loss}{norm}{', tasks ' + ', '.join(tasks) if tasks else ''}); "
+        f"{stopped}{keep}. Lower optim.lr, set "
         f"optim.grad_clip, or use train.mixed_precision 'no', then --resume {shlex.quote(str(run.path))}")
 
 
