@@ -508,3 +508,19 @@ def test_a_long_conversation_keeps_its_last_assistant_tokens(tok):
     assert tok.decode([i for i, lab in zip(cut["input_ids"], cut["labels"]) if lab != IGNORE]) == "ok\n"
     with pytest.raises(MultiLoRAError, match="a conversation starts with an assistant message"):
         tokenize_example(Example("c", "", "", (("assistant", "ok"),)), tok, 12)
+
+
+def test_a_mapped_optional_input_column_must_exist(tmp_path):
+    path = write_jsonl(tmp_path / "r.jsonl", [{"instruction": "a", "context": "b", "output": "c"},
+                                              {"instruction": "d", "output": "e"}])
+    spec = {"name": "opt", "path": str(path), "format": "instruction", "eval": None}
+    with pytest.raises(MultiLoRAError, match=r"r\.jsonl:1: no column 'contxt' for the input field .* did you mean "
+                                             r"'context'\? columns present: instruction, context, output"):
+        use_tasks([{**spec, "fields": {"input": "contxt"}}])
+    name = use_tasks([{**spec, "fields": {"input": "context"}}])[0]  # rows without it have no input
+    assert [e.prompt for e in load_examples(name)] == [alpaca_prompt("a", "b"), alpaca_prompt("d", "")]
+
+
+def alpaca_prompt(instruction: str, input_text: str) -> str:
+    return (f"### Instruction:\n{instruction}\n\n" + (f"### Input:\n{input_text}\n\n" if input_text else "")
+            + "### Response:\n")

@@ -90,6 +90,7 @@ class Spec:
     label_type: str | None = None
     labels: tuple[str, ...] = ()
     metric: str | None = None
+    mapped: tuple[str, ...] = ()  # the fields the spec maps explicitly (an optional one must then exist)
 
 
 @dataclass
@@ -278,7 +279,8 @@ def parse_spec(raw: Any, columns: Sequence[str] | None = None) -> tuple[Spec | N
         return None, p
     return Spec(name, path, fmt, mapping, template, chat, separator,
                 None if eval_split is None else float(eval_split), eval_path,
-                None if weight is None else float(weight), label_type, tuple(labels or ()), metric), []
+                None if weight is None else float(weight), label_type, tuple(labels or ()), metric,
+                tuple(fields)), []
 
 
 def _template_problems(template: str, fmt: str, roles: Sequence[str], columns: Sequence[str] | None) -> list[str]:
@@ -382,8 +384,7 @@ def _text_example(row: dict, spec: Spec, where: str) -> Example:
     """An instruction or completion row as an Example (with messages when chat: true)."""
     if spec.format == "instruction":
         values = {"instruction": _field(row, spec, "instruction", where)}
-        values["input"] = (_field(row, spec, "input", where) if spec.fields["input"] in row
-                           or "input" in (spec.template or "") else "")
+        values["input"] = _field(row, spec, "input", where) if spec.fields["input"] in row else ""  # optional
         values["output"] = response = _field(row, spec, "output", where)
         if spec.template is None:
             prompt = alpaca.prompt(values["instruction"], values["input"])
@@ -445,6 +446,9 @@ def load_spec(spec: Spec) -> Loaded:
                 out.items[split].append(item)
                 out.examples[split].append(item.example())
         else:
+            for role in OPTIONAL_ROLES & set(spec.mapped):  # mapped, so no row lacking it is a typo
+                if not any(spec.fields[role] in row for _, row in rows):
+                    _field(rows[0][1], spec, role, rows[0][0])
             for where, row in rows:
                 ex = _chat_example(row, spec, where) if spec.format == "chat" else _text_example(row, spec, where)
                 key = json.dumps(ex.messages) if spec.format == "chat" else ex.prompt
