@@ -3,7 +3,8 @@
     adapter.safetensors   keys `<module path>.lora_A` (n, r, d_in), `.lora_B` (n, d_out, r),
                           `.lora_s` (n, d_out) or (n,) -- exactly the layer's parameters
     adapter_config.json   format version, method, n, r, alpha, dropout, init, scale, targets,
-                          the resolved module paths, the base model's identity and sizes, and
+                          the resolved module paths, the base model's identity, sizes and
+                          quantization (base_model.quantization: null, or quant.QuantConfig's keys), and
                           the sha256 of the tensor file (so a half-written or edited folder is caught)
 
 Both files are written atomically, and the pair is replaced as one: the new tensors go to
@@ -32,6 +33,7 @@ from .inject import (MultiLoRAConfig, adapter_parameters, inject, linear_layers,
 from .interop import PEFT_WEIGHTS_NAME, refuse_pickled_peft
 from .io import WriteError, atomic_path, fsync_dir, read_json_object, write_error, write_json_atomic
 from .layers import in_out_features, parameter_shapes
+from .quant import INSTALL_HINT, QuantConfig, bitsandbytes_available, quantization_of
 
 FORMAT = "multilora-adapter"
 FORMAT_VERSION = 1
@@ -59,7 +61,23 @@ def base_model_info(model: nn.Module) -> dict[str, Any]:
         "hidden_size": get("hidden_size", "n_embd"),
         "num_hidden_layers": get("num_hidden_layers", "n_layer"),
         "vocab_size": get("vocab_size"),
+        "quantization": quantization_of(model).record(),  # None, or how the base was quantized (QLoRA)
     }
+
+
+def recorded_quantization(meta: dict[str, Any], folder: str | os.PathLike) -> QuantConfig:
+    """The quantization of the base an adapter was trained on (adapter_config.json), checked to be loadable here.
+
+    Adapters saved before it was recorded, and PEFT adapters, read as unquantized.
+    """
+    base = meta.get("base_model") if isinstance(meta.get("base_model"), dict) else {}
+    where = Path(folder) / CONFIG_NAME
+    quant = QuantConfig.from_record(base.get("quantization"), str(where))
+    if quant.quantized and not bitsandbytes_available():
+        raise MultiLoRAError(f"the adapter {folder} was trained on a {quant.quantization} quantized base "
+                             f"(base_model.quantization in {where}), which needs the package bitsandbytes: "
+                             f"{INSTALL_HINT}")
+    return quant
 
 
 def save_adapter(model: nn.Module, out_dir: str | os.PathLike) -> Path:

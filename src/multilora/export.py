@@ -25,7 +25,9 @@ scaling (lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora). The PEFT fold
 (file names, tensor keys, reading and validating) is defined once, in `interop`.
 
 Merged (`export_merged`): the base model with the adapter's update merged into its weights, as a
-save_pretrained folder (weights + tokenizer).
+save_pretrained folder (weights + tokenizer). An adapter trained on a quantized base (QLoRA) is
+merged into that base dequantized: W0 = dequantize(W_q), W = W0 + dW in float32, saved as an
+ordinary (unquantized) model in the recorded compute dtype.
 
 Every writer here follows one rule for its output folder (`check_out_dir`): an existing non-empty
 folder is refused unless `overwrite`, which replaces it (never a folder that holds an input).
@@ -34,6 +36,7 @@ folder is refused unless `overwrite`, which replaces it (never a folder that hol
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import os
 import re
@@ -45,15 +48,17 @@ from typing import Any, Sequence
 
 import torch
 from torch import nn
+from transformers import AutoModelForCausalLM
 
 from . import models  # models.load_model, looked up at call time (tests stub it to catch early model loads)
-from .checkpoint import FORMAT, load_adapter, read_adapter, write_adapter_folder
+from .checkpoint import FORMAT, load_adapter, read_adapter, recorded_quantization, write_adapter_folder
 from .errors import MultiLoRAError
 from .inject import MultiLoRAConfig, linear_layers, unload, unmerged_adapter_modules
 from .interop import (PEFT_CONFIG_NAME, PEFT_KEY, lora_config, lora_tensors, read_peft, read_peft_config,
                       write_peft)
 from .io import check_writable_dir, failed_write, read_json_object
-from .layers import fuse
+from .layers import MultiLoRALinear, fuse
+from .quant import dequantize, quantized_kind
 from .run import Run
 
 VLLM_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
@@ -126,11 +131,17 @@ def export_merged(
     base = model or Run(adapter).base_model()
     reads = [adapter, models.cache_dir()] + ([Path(base).expanduser()] if base else [])
     check_out_dir(out_dir, overwrite, reads)  # before the model is loaded
-    read_adapter(adapter)  # a damaged adapter is refused before the base model is loaded
+    meta, _ = read_adapter(adapter)  # a damaged adapter is refused before the base model is loaded
+    quant = recorded_quantization(meta, adapter)
     if not base:
         raise MultiLoRAError(f"the adapter {adapter} does not record its base model; pass --model PATH")
-    net, tokenizer = models.load_model(base)
-    unload(load_adapter(net, adapter))  # merge into the base weights, drop the adapter layers
+    net, tokenizer = models.load_model(base, quantization=quant.quantization, compute_dtype=quant.compute_dtype,
+                                       double_quant=quant.double_quant)
+    load_adapter(net, adapter)
+    if quant.quantized:  # dequantize, merge in float32, save in the compute dtype
+        net = merge_dequantized(net, getattr(torch, quant.compute_dtype))
+    else:
+        unload(net)  # merge into the base weights, drop the adapter layers
     out = Path(out_dir)
     clear_out_dir(out, overwrite)
     try:
@@ -144,6 +155,49 @@ def export_merged(
             raise
         raise error from e
     return out
+
+
+def merge_dequantized(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """An ordinary model from an adapter on a quantized base: W = dequantize(W_q) + dW in float32, cast to `dtype`.
+
+    Every bitsandbytes layer becomes an `nn.Linear` holding its dequantized float32 weight, the adapters
+    are merged into those (MultiLoRALinear.merge computes in float32), and the weights move into a model
+    built from the config without quantization_config, so that it saves as a plain save_pretrained folder.
+    """
+    with torch.no_grad():
+        for name, module in list(model.named_modules()):
+            target = module.base if isinstance(module, MultiLoRALinear) else module
+            if not quantized_kind(target):
+                continue
+            plain = nn.Linear(target.in_features, target.out_features, bias=target.bias is not None,
+                              device=module_device(target), dtype=torch.float32)
+            plain.weight.copy_(dequantize(target))  # (d_out, d_in)
+            if target.bias is not None:
+                plain.bias.copy_(target.bias.float())
+            if isinstance(module, MultiLoRALinear):
+                module.base, module.quantized = plain, None
+            else:
+                parent, _, leaf = name.rpartition(".")
+                setattr(model.get_submodule(parent), leaf, plain)
+    unload(model)  # merge dW into the float32 weights, drop the adapter layers
+    config = copy.deepcopy(model.config)
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    config.dtype = dtype
+    plain_model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    state = {k: v.float() if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    missing, unexpected = plain_model.load_state_dict(state, strict=False)
+    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+    if set(missing) - tied or unexpected:
+        raise MultiLoRAError(f"cannot rebuild the dequantized model: missing {sorted(set(missing) - tied)[:3]}, "
+                             f"unexpected {sorted(unexpected)[:3]}")
+    plain_model.config._name_or_path = model.config._name_or_path
+    return plain_model.to(dtype).eval()
+
+
+def module_device(module: nn.Module) -> torch.device:
+    """The device of a module's first parameter."""
+    return next(module.parameters()).device
 
 
 # --------------------------------------------------------------------------- output folders

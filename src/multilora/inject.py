@@ -25,7 +25,8 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .errors import MultiLoRAError
-from .layers import MultiLoRALinear, OptionProblem, describe_problem, option_problems
+from .layers import MultiLoRALinear, OptionProblem, describe_problem, in_out_features, option_problems
+from .quant import keep_4bit_layout, refuse_quantized_merge
 
 ADAPTER_PARAMS = ("lora_A", "lora_B", "lora_s")
 
@@ -192,9 +193,8 @@ def checkpoint_state_dict(model: nn.Module, state: dict[str, torch.Tensor] | Non
     for key, value in state.items():
         if key in merged:
             continue
-        owner, _, name = key.rpartition(".")  # "<path>.base", "weight" for a base layer's tensor
-        path, _, leaf = owner.rpartition(".")
-        out[f"{path}.{name}" if leaf == "base" and path in modules else key] = value
+        path, base, name = key.rpartition(".base.")  # "<path>", "weight" (or a 4-bit layer's "weight.absmax", ...)
+        out[f"{path}.{name}" if base and path in modules else key] = value
     return out
 
 
@@ -225,10 +225,12 @@ def refuse_if_injected(model: nn.Module) -> None:
         )
 
 
-def inject(model: nn.Module, config: MultiLoRAConfig, modules: list[str] | None = None) -> InjectSummary:
+def inject(model: nn.Module, config: MultiLoRAConfig, modules: list[str] | None = None,
+           dtype: torch.dtype | None = None) -> InjectSummary:
     """Wrap the target linear layers in MultiLoRA layers and freeze everything else.
 
-    `modules` (exact module paths) overrides `config.targets`; `load_adapter` uses it.
+    `modules` (exact module paths) overrides `config.targets`; `load_adapter` uses it. `dtype`: the
+    adapter tensors' dtype (default: each base weight's; float32 over a 4-bit/8-bit base).
     """
     refuse_if_injected(model)
     if modules is None:
@@ -241,12 +243,15 @@ def inject(model: nn.Module, config: MultiLoRAConfig, modules: list[str] | None 
                 f"module {missing[0]!r} is not a linear layer of this {type(model).__name__} "
                 f"({len(missing)} of {len(modules)} adapter modules are missing): the adapter was made for another base model"
             )
+    for path in modules:  # an unsupported layer is refused before the model changes
+        in_out_features(model.get_submodule(path))
     for p in model.parameters():
         p.requires_grad_(False)
+    keep_4bit_layout(model)  # a quantized base stays bit-identical (quant.keep_4bit_layout)
     for path in modules:
         parent_path, _, leaf = path.rpartition(".")
         parent = model.get_submodule(parent_path)
-        setattr(parent, leaf, MultiLoRALinear(getattr(parent, leaf), **config.layer_options()))
+        setattr(parent, leaf, MultiLoRALinear(getattr(parent, leaf), **config.layer_options(), dtype=dtype))
     model.multilora_config = config  # read by save_adapter / export; plain attribute, not saved by HF
     if hasattr(model, "save_pretrained"):  # a transformers model: keep its checkpoints loadable
         model.save_pretrained = SavePretrained(model)
@@ -255,7 +260,9 @@ def inject(model: nn.Module, config: MultiLoRAConfig, modules: list[str] | None 
 
 
 def _refuse_non_finite_merge(modules: dict[str, MultiLoRALinear]) -> None:
-    """Raise, before any weight changes, if merging some unmerged layer would put NaN/inf into its base weight."""
+    """Raise, before any weight changes, if some layer's base is quantized or merging would put NaN/inf into it."""
+    for path, m in modules.items():
+        refuse_quantized_merge(m.base, path)
     with torch.no_grad():
         for path, m in modules.items():
             if not m.merged and not torch.isfinite(m.base.weight.float() + m.delta_weight().float()).all():

@@ -11,6 +11,10 @@ computed as one rank-(n r) low-rank path (docs/method.md §3):
 Folding the scales (and alpha / r) into B costs one weight-sized product per call instead of an
 activation-sized one, and there is no Python loop over the n modules. Plain LoRA is the same
 layer with n = 1, B = 0 at init and no scales (`scale="none"`).
+
+The base may be a bitsandbytes 4-bit or 8-bit layer (QLoRA, see quant.py): W0 x then runs through the
+quantized layer, the adapter's tensors are float (float32 unless `dtype` says otherwise), and merging
+is refused (export.export_merged dequantizes first).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .errors import MultiLoRAError
+from .quant import quantized_kind, refuse_quantized_merge
 
 Init = Literal["multilora", "lora"]
 Scale = Literal["vector", "scalar", "none"]
@@ -50,10 +55,11 @@ def fuse(
 
 
 class MultiLoRALinear(nn.Module):
-    """A frozen `nn.Linear` or transformers `Conv1D` plus n fused LoRA modules of rank r.
+    """A frozen `nn.Linear`, transformers `Conv1D` or bitsandbytes 4/8-bit linear plus n fused LoRA modules of rank r.
 
     Parameters (also the on-disk names): `lora_A` (n, r, d_in), `lora_B` (n, d_out, r),
     `lora_s` (n, d_out) for `scale="vector"`, (n,) for `scale="scalar"`, absent for "none".
+    Their dtype is `dtype`, else the base weight's (float32 over a quantized base).
     """
 
     def __init__(
@@ -66,6 +72,7 @@ class MultiLoRALinear(nn.Module):
         init: Init = "multilora",
         scale: Scale = "vector",
         scale_init: float | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         d_in, d_out = in_out_features(base)
@@ -76,11 +83,16 @@ class MultiLoRALinear(nn.Module):
         self.d_in, self.d_out = d_in, d_out
         self.scaling = self.alpha / r
         self.is_conv1d = isinstance(base, Conv1D)
+        self.quantized = quantized_kind(base)  # "4bit" | "8bit" | None
         self.merged = False
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
         shapes = parameter_shapes(n, r, d_in, d_out, scale)
-        empty = lambda name: nn.Parameter(torch.empty(shapes[name], device=base.weight.device, dtype=base.weight.dtype))  # noqa: E731
+        if dtype is None:
+            dtype = torch.float32 if self.quantized else base.weight.dtype
+        if not dtype.is_floating_point:
+            raise MultiLoRAError(f"adapter dtype must be a floating-point dtype, got {dtype}")
+        empty = lambda name: nn.Parameter(torch.empty(shapes[name], device=base.weight.device, dtype=dtype))  # noqa: E731
         self.lora_A, self.lora_B = empty("lora_A"), empty("lora_B")
         self.lora_s = empty("lora_s") if "lora_s" in shapes else None
         self.reset_parameters()
@@ -138,6 +150,7 @@ class MultiLoRALinear(nn.Module):
         self.merged = False
 
     def _add_to_base(self, sign: float) -> None:
+        refuse_quantized_merge(self.base)
         w = self.base.weight
         new = w.float() + sign * self.delta_weight().float()  # compute in float32, then cast
         if not torch.isfinite(new).all():
@@ -151,6 +164,7 @@ class MultiLoRALinear(nn.Module):
         return (
             f"d_in={self.d_in}, d_out={self.d_out}, n={self.n}, r={self.r}, alpha={self.alpha}, "
             f"init={self.init}, scale={self.scale}, scale_init={self.scale_init}, merged={self.merged}"
+            + (f", quantized={self.quantized}" if self.quantized else "")
         )
 
 
@@ -169,7 +183,14 @@ def load_base_under_plain_names(module: MultiLoRALinear, state_dict: dict, prefi
 
 
 def in_out_features(base: nn.Module) -> tuple[int, int]:
-    """(d_in, d_out) of an `nn.Linear` or a transformers `Conv1D` (whose weight is transposed)."""
+    """(d_in, d_out) of an `nn.Linear`, a transformers `Conv1D` (whose weight is transposed) or a bitsandbytes layer."""
+    if quantized_kind(base):  # packed weights: the shape is not (d_out, d_in)
+        return base.in_features, base.out_features
+    if isinstance(base, nn.Linear) and not base.weight.is_floating_point():
+        raise MultiLoRAError(
+            f"cannot adapt {type(base).__name__}: its weight is {base.weight.dtype}, not a floating-point tensor, and "
+            "multilora knows only the bitsandbytes quantized layers (Linear4bit, Linear8bitLt); load the base with "
+            "multilora.models.load_model(..., quantization='nf4' | 'int8') or in a float dtype")
     if isinstance(base, Conv1D):  # GPT-2 style: weight is (d_in, d_out), y = x W + b
         d_in, d_out = base.weight.shape
     elif isinstance(base, nn.Linear):  # weight is (d_out, d_in), y = x W^T + b

