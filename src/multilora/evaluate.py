@@ -6,8 +6,9 @@
     compare(["runs/a", "runs/b"])                                   # eval.json files side by side
 
 Multiple-choice tasks are scored by log-likelihood (`scoring.score_choices`), `alpaca` by the
-perplexity of its held-out responses (`scoring.response_nll`). Each task owns its rules in the
-registry (`tasks.TASKS`): its metrics (accuracy with chance for all; MultiRC adds F1a and exact
+perplexity of its held-out responses (`scoring.response_nll`); own tasks (YAML specs, `tasks.spec`)
+the same way by format, and `metric: exact_match` adds greedy outputs against the responses. Each
+task owns its rules in the registry (`tasks.TASKS`): its metrics (accuracy with chance for all; MultiRC adds F1a and exact
 match, MMLU subjects, categories and the macro average), what `limit` counts and whether `shots`
 applies. Loading what to evaluate lives in `targets`, tables and --compare in `tables`.
 """
