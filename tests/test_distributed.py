@@ -76,8 +76,9 @@ runpy.run_module("multilora.train", run_name="__main__")
 """
 
 
-def launcher_env(config_file: Path, processes: int) -> dict[str, str]:
-    """The FSDP/DeepSpeed settings `accelerate launch --config_file F --num_processes N` gives its processes."""
+def launcher_env(config_file: Path, processes: int, everything: bool = False) -> dict[str, str]:
+    """The FSDP/DeepSpeed settings `accelerate launch --config_file F --num_processes N` gives its processes
+    (`everything`: all the variables it sets)."""
     from accelerate.commands.launch import _validate_launch_command, launch_command_parser
     from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu_env
 
@@ -89,6 +90,8 @@ def launcher_env(config_file: Path, processes: int) -> dict[str, str]:
         _, env = prepare_deepspeed_cmd_env(args)
     else:
         env = prepare_multi_gpu_env(args)
+    if everything:
+        return {k: v for k, v in env.items() if os.environ.get(k) != v}
     return {k: v for k, v in env.items()
             if k.startswith(("FSDP_", "ACCELERATE_USE_", "ACCELERATE_DEEPSPEED_", "ACCELERATE_CONFIG_DS"))}
 
@@ -121,6 +124,16 @@ SHARDED = {  # recipe, what its launcher sets, what its checkpoint holds (one mo
                                                  "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"},
                         "pytorch_model/zero_pp_rank_*_optim_states.pt"),
 }
+
+
+@pytest.mark.parametrize("kind", list(SHARDED))
+def test_sharded_recipes_give_accelerates_launch_settings(kind):
+    """What `accelerate launch --config_file <recipe>` exports: the sharding mode, and for DeepSpeed no
+    gradient_accumulation_steps / gradient_clipping (they would override train.grad_accum / optim.grad_clip)."""
+    recipe, sets, _ = SHARDED[kind]
+    env = launcher_env(ACCELERATE / recipe, 8, everything=True)
+    assert all(env[k] == v for k, v in sets.items()), env
+    assert "ACCELERATE_GRADIENT_ACCUMULATION_STEPS" not in env and "ACCELERATE_GRADIENT_CLIPPING" not in env
 
 
 @pytest.mark.slow
