@@ -200,10 +200,10 @@ def dequantize(layer: nn.Module) -> torch.Tensor:
 def keep_4bit_layout(model: nn.Module) -> None:
     """Stop bitsandbytes from repacking 4-bit weights for CPU inference.
 
-    On a CPU with AVX512-BF16, bitsandbytes rewrites a Linear4bit's weight in place the first time it
-    runs in eval mode without gradients, rounding its block scales to bfloat16: the frozen base would
-    change (it is no longer bit-identical, and evaluation would compute with other weights than
-    training). Turning the fast path off keeps one layout; GPUs never take it.
+    On a CPU with AVX512-BF16, bitsandbytes repacks a Linear4bit's weight in place the first time it
+    runs in eval mode without gradients, rounding its block scales to bfloat16: the frozen base tensor
+    changes in memory and evaluation computes with other weights than training did (logits off by
+    ~4e-3 on the tiny test model). Turning that fast path off keeps one layout; GPUs never take it.
     """
     for m in model.modules():
         if quantized_kind(m) == "4bit":
