@@ -6,6 +6,8 @@
     ml.save_adapter(model, "out/")     ml.merge(model)     ml.export_peft(model, "peft/")
 """
 
+import logging
+
 from ._version import __version__
 from .checkpoint import load_adapter, save_adapter
 from .errors import MultiLoRAError
@@ -22,6 +24,10 @@ from .inject import (
     unmerge,
 )
 from .layers import MultiLoRALinear
+
+# bitsandbytes (when installed) warns at import time that it cannot fetch an optional CPU kernel from a
+# hub; offline that is always so, and the line would open every command's output. Only that logger.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 __all__ = [
     "InjectSummary", "MultiLoRAConfig", "MultiLoRAError", "MultiLoRALinear", "adapter_modules",

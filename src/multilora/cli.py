@@ -21,6 +21,7 @@ from .errors import MultiLoRAError
 from .evaluate import add_eval_arguments, run_eval_cli
 from .export import (OVERWRITE_HELP, add_export_serving_arguments, add_import_peft_arguments, export_merged,
                      run_export_peft_cli, run_import_peft_cli)
+from .generate import add_generate_arguments, run_generate_cli
 from .sweep import add_sweep_arguments, run_sweep_cli
 from .tasks import list_tasks
 
@@ -28,7 +29,9 @@ from .tasks import list_tasks
 TRAIN_HELP = f"""Train LoRA, MultiLoRA or full fine-tuning from a YAML config.
 
 Every key can be overridden on the command line as --section.key VALUE (values are YAML:
---adapter.n 4 --optim.lr 3e-4 --data.tasks [alpaca,rte]). Sections and defaults:
+--adapter.n 4 --optim.lr 3e-4 --data.tasks [alpaca,rte]). data.tasks also takes specs of your own
+data files, or a YAML file of them (--data.tasks my_tasks.yaml; README: "Training on your own
+tasks"; `multilora tasks --preview FILE` shows what training will see). Sections and defaults:
 {help_text()}
 
 Writes the run folder output_dir: config.yaml, adapter.safetensors + adapter_config.json (or the
@@ -111,7 +114,12 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def cmd_tasks(args: argparse.Namespace) -> None:
-    """Print the task registry: name, family, rows per split, source."""
+    """Print the task registry: name, family, rows per split, source; or --preview a task file."""
+    if args.preview is not None:
+        from .tasks.preview import preview  # loads a tokenizer: only for --preview
+
+        print(preview(args.preview, model=args.model, k=args.k, max_len=args.max_len))
+        return
     table = Table(title="multilora tasks (data: $MULTILORA_DATA, else the copy bundled with the package)")
     for col in ("task", "family", "rows per split", "source", "note"):
         table.add_column(col)
@@ -150,9 +158,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="delete --out first if it exists")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("tasks", help="list the bundled tasks with their splits and sizes",
-                       description="List the bundled tasks (Alpaca, MMLU, SuperGLUE) with rows per split.")
+    p = sub.add_parser("tasks", help="list the bundled tasks with their splits and sizes; --preview your own",
+                       description="List the bundled tasks (Alpaca, MMLU, SuperGLUE) with rows per split; or, "
+                       "with --preview FILE, show the tasks of a YAML task file or training config as training "
+                       "will see them (tokenizer only, no model).")
     p.add_argument("--subjects", action="store_true", help="also list the 57 MMLU subjects as tasks")
+    p.add_argument("--preview", metavar="FILE", default=None,
+                   help="show the first training rows of each task in a YAML task file or training config as the "
+                        "model sees them (loss part in [[ ]]), token counts, rows cut by max_len, label sets")
+    p.add_argument("--model", default=None, help="--preview: the tokenizer's model (default: the config's, "
+                   "else smollm2-135m)")
+    p.add_argument("-k", type=int, default=3, help="--preview: rows shown per task (default: 3)")
+    p.add_argument("--max-len", type=int, default=None, help="--preview: max_len (default: the config's, else 256)")
     p.set_defaults(func=cmd_tasks)
 
     p = sub.add_parser("train", help="train LoRA / MultiLoRA / full fine-tuning from a YAML config")
@@ -165,6 +182,15 @@ def build_parser() -> argparse.ArgumentParser:
                        "response perplexity; prints a table with chance levels and writes eval.json.")
     add_eval_arguments(p)
     p.set_defaults(func=run_eval_cli)
+
+    p = sub.add_parser("generate", help="outputs of a run, adapter or model for your prompts, optionally beside "
+                       "its base model's",
+                       description="Generate from a run folder, adapter folder, PEFT adapter, model folder or "
+                       "'smollm2-135m' for prompts from --prompt, --file or a task's held-out split; greedy by "
+                       "default, seeded sampling with --temperature; --compare-base puts the base model's "
+                       "outputs beside them. Prints a table; --out also writes JSONL.")
+    add_generate_arguments(p)
+    p.set_defaults(func=run_generate_cli)
 
     p = sub.add_parser("analyze", help="singular-value spectra of the learned updates dW, with plots",
                        description="Singular values of each adapted layer's update dW (exact, via QR for "

@@ -1,6 +1,7 @@
 """The training config: typed dataclasses that are the YAML schema, with `--section.key value` overrides.
 
-    model: smollm2-135m            # the embedded model, or a local save_pretrained folder
+    model: smollm2-135m            # the embedded model, or a local save_pretrained folder; or a mapping:
+    # model: {name: PATH, quantization: nf4, compute_dtype: bfloat16, double_quant: true}   (QLoRA: quant.py)
     method: multilora              # multilora | lora | full
     adapter: {n: 3, r: 8, alpha: 16, dropout: 0.0, init: multilora, scale: vector, scale_init: null,
               targets: [q_proj, v_proj]}
@@ -9,7 +10,8 @@
     optim:   {lr: 2.0e-4, weight_decay: 0.0, betas: [0.9, 0.999], eps: 1.0e-8, warmup_steps: 0,
               schedule: cosine, grad_clip: 1.0, s_lr_mult: 1.0, b_lr_mult: 1.0}
     train:   {batch_size: 4, grad_accum: 1, max_steps: 100, epochs: null, seed: 0, eval_every: 0,
-              save_every: 50, keep_last: 2, log_every: 1, mixed_precision: "no", log_tensorboard: false, cpu: false}
+              save_every: 50, keep_last: 2, log_every: 1, mixed_precision: "no", gradient_checkpointing: false,
+              log_tensorboard: false, cpu: false}
     output_dir: runs/multilora
 
 `load_config(path, ["--adapter.n", "4", "--optim.lr=3e-4"])` reads the file, applies the overrides
@@ -36,7 +38,9 @@ from .data import STRATEGIES
 from .errors import MultiLoRAError
 from .inject import MultiLoRAConfig
 from .models import DEFAULT_MODEL as EMBEDDED_MODEL
-from .tasks import PAPER_MIXTURE, TASKS
+from .quant import COMPUTE_DTYPES, INSTALL_HINT, QUANTIZATIONS, QuantConfig, bitsandbytes_available
+from .tasks import PAPER_MIXTURE, mixture_weights, resolve_tasks, task_names
+from .tasks.spec import resolve_paths
 
 METHODS = ("multilora", "lora", "full")
 SCHEDULES = ("linear", "cosine")
@@ -55,10 +59,11 @@ def _show(value: Any) -> str:
 class DataOptions:
     """Training tasks, how they are mixed, and the held-out evaluation set."""
 
-    tasks: list[str] = field(default_factory=lambda: list(PAPER_MIXTURE))
+    # bundled task names and own-task specs (name, path, format, ...; see tasks/spec.py), or a YAML task file
+    tasks: Union[list[Union[str, dict[str, Any]]], str] = field(default_factory=lambda: list(PAPER_MIXTURE))
     mixture: str = "proportional"  # proportional | temperature | uniform | weights
     temperature: float = 2.0  # for mixture: temperature (p_t ~ n_t^(1/T))
-    weights: Union[dict[str, float], None] = None  # for mixture: weights, one per task
+    weights: Union[dict[str, float], None] = None  # for mixture: weights, one per task (or a spec's weight:)
     max_len: int = 256  # tokens per example (the prompt is cut from the left)
     chat: bool = False  # wrap prompts in the tokenizer's chat template
     eval_examples: int = 32  # held-out examples per task (its eval split) for the periodic eval; 0: none
@@ -92,7 +97,8 @@ class TrainOptions:
     save_every: int = 50  # steps between checkpoints; 0: only at the end
     keep_last: int = 2  # checkpoints kept
     log_every: int = 1  # steps between metrics.jsonl lines
-    mixed_precision: str = "no"  # no | bf16 | fp16 (fp16 needs a GPU)
+    mixed_precision: str = "no"  # no | bf16 | fp16 (fp16 needs a GPU); trainable weights stay float32
+    gradient_checkpointing: bool = False  # recompute activations in backward (non-reentrant): less memory, one more forward
     log_tensorboard: bool = False  # also log to TensorBoard (run folder/tensorboard) via accelerate
     cpu: bool = False  # force CPU even where a GPU is available
 
@@ -101,7 +107,8 @@ class TrainOptions:
 class TrainConfig:
     """A whole training run: the YAML file's top level. Its `adapter` section is the MultiLoRAConfig itself."""
 
-    model: str = EMBEDDED_MODEL  # 'smollm2-135m' (embedded) or a local model folder
+    model: str = EMBEDDED_MODEL  # 'smollm2-135m' (embedded) or a local model folder (YAML: `model.name` too)
+    quant: QuantConfig = field(default_factory=QuantConfig)  # YAML/CLI: model.quantization, model.compute_dtype, ...
     method: str = "multilora"  # multilora | lora | full
     adapter: MultiLoRAConfig = field(default_factory=MultiLoRAConfig)  # ignored by method full
     data: DataOptions = field(default_factory=DataOptions)
@@ -110,12 +117,17 @@ class TrainConfig:
     output_dir: str = "runs/run"
 
     def to_dict(self) -> dict[str, Any]:
-        """The config as plain YAML-ready data."""
-        return asdict(self)
+        """The config as plain YAML-ready data (`model` as the mapping {name, quantization, ...})."""
+        data = asdict(self)
+        data["model"] = {"name": self.model, **data.pop("quant")}
+        return data
 
     def to_yaml(self) -> str:
-        """The resolved config as YAML text (loads back to the same config)."""
-        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
+        """The resolved config as YAML text (loads back to the same config); an unquantized `model` stays a string."""
+        data = self.to_dict()
+        if self.quant == QuantConfig():
+            data["model"] = self.model
+        return yaml.safe_dump(data, sort_keys=False, default_flow_style=None)
 
 
 SECTIONS = {"adapter": MultiLoRAConfig, "data": DataOptions, "optim": OptimOptions, "train": TrainOptions}
@@ -127,6 +139,8 @@ def valid_keys() -> list[str]:
     for f in fields(TrainConfig):
         if f.name in SECTIONS:
             keys += [f"{f.name}.{g.name}" for g in fields(SECTIONS[f.name])]
+        elif f.name == "quant":  # the `model:` mapping's keys besides its name
+            keys += [f"model.{g.name}" for g in fields(QuantConfig)]
         else:
             keys.append(f.name)
     return keys
@@ -144,6 +158,13 @@ def help_text() -> str:
                                        subsequent_indent=" " * (4 + len(f.name)), break_on_hyphens=False))
         elif f.name == "method":
             lines.append(f"  method: {' | '.join(METHODS)} (default {default.method!r})")
+        elif f.name == "model":
+            options = ", ".join(f"{g.name}={getattr(default.quant, g.name)!r}" for g in fields(QuantConfig))
+            lines.append(textwrap.fill(f"{default.model!r}, or a mapping: name, {options} (quantization: "
+                                       f"{' | '.join(QUANTIZATIONS)})", width=98, initial_indent="  model: ",
+                                       subsequent_indent=" " * 9, break_on_hyphens=False))
+        elif f.name == "quant":
+            continue
         else:
             lines.append(f"  {f.name}: {getattr(default, f.name)!r}")
     return "\n".join(lines)
@@ -206,6 +227,8 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
             raise MultiLoRAError(f"{p} must hold a mapping of sections (model, method, adapter, data, optim, "
                                  f"train, output_dir), got {type(loaded).__name__}")
         raw = loaded
+        if isinstance(raw.get("data"), dict) and "tasks" in raw["data"]:  # own tasks' paths: relative to the file
+            raw["data"]["tasks"] = resolve_paths(raw["data"]["tasks"], p.parent)
     flat = flatten(raw)
     flat.update(parse_overrides(list(overrides or [])))
     return config_from_flat(flat)
@@ -220,7 +243,10 @@ def flatten(data: dict[str, Any]) -> dict[str, Any]:
     """{section: {key: value}} -> {"section.key": value}; top-level scalars keep their name."""
     flat: dict[str, Any] = {}
     for key, value in data.items():
-        if key in SECTIONS and isinstance(value, dict):
+        if key == "model" and isinstance(value, dict):  # {name: ..., quantization: ...}: name is `model`
+            for sub, v in value.items():
+                flat["model" if sub == "name" else f"model.{sub}"] = v
+        elif key in SECTIONS and isinstance(value, dict):
             for sub, v in value.items():
                 flat[f"{key}.{sub}"] = v
         else:
@@ -234,6 +260,8 @@ def config_from_flat(flat: dict[str, Any]) -> TrainConfig:
     keys = valid_keys()
     list_keys = False  # an unknown key without a near match: list the valid keys once, at the end
     config = TrainConfig()
+    if "model.name" in flat:  # --model.name PATH: the model mapping's name
+        flat = {("model" if k == "model.name" else k): v for k, v in flat.items()}
     for key, value in flat.items():
         if key not in keys:
             if key in SECTIONS:
@@ -285,6 +313,8 @@ def _alias(key: str, keys: list[str]) -> list[str]:
 
 def _owner(config: TrainConfig, key: str) -> tuple[Any, str]:
     section, dot, name = key.partition(".")
+    if section == "model" and dot:  # model.quantization, ...: the QuantConfig
+        return config.quant, name
     return (getattr(config, section), name) if dot else (config, key)
 
 
@@ -303,7 +333,8 @@ def _type_name(hint: Any) -> str:
         return f"a list of {_type_name(args[0])}"
     if origin is dict:
         return f"a mapping of {_type_name(args[0])} to {_type_name(args[1])}"
-    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(hint, str(hint))
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false",
+            Any: "any value"}.get(hint, str(hint))
 
 
 def _coerce(value: Any, hint: Any) -> tuple[bool, Any]:
@@ -317,6 +348,8 @@ def _coerce(value: Any, hint: Any) -> tuple[bool, Any]:
         return False, None
     if hint is type(None):
         return value is None, None
+    if hint is Any:
+        return True, value
     if origin is list:
         if isinstance(value, (list, tuple)):
             out = [_coerce(v, args[0]) for v in value]
@@ -364,6 +397,16 @@ def _check_values(c: TrainConfig, given: set[str]) -> list[str]:
             p.append(f"{key} = {_show(value)} must be {'>= 0' if zero_ok else '> 0'}")
 
     one_of("method", c.method, METHODS)
+    q = c.quant
+    one_of("model.quantization", q.quantization, QUANTIZATIONS)
+    one_of("model.compute_dtype", q.compute_dtype, COMPUTE_DTYPES)
+    if q.quantization in QUANTIZATIONS and q.quantized:
+        if c.method == "full":
+            p.append(f"model.quantization = {q.quantization!r} cannot be trained with method full (quantized "
+                     "weights get no gradients); use method lora or multilora (QLoRA), or model.quantization none")
+        if not bitsandbytes_available():
+            p.append(f"model.quantization = {q.quantization!r} needs the package bitsandbytes, which is not "
+                     f"installed: {INSTALL_HINT}; or use model.quantization none")
     a, d, o, t = c.adapter, c.data, c.optim, c.train
     if c.method == "lora":  # plain LoRA is MultiLoRA with n = 1, B = 0 at init and no scales
         for key, want in (("n", 1), ("init", "lora"), ("scale", "none")):
@@ -384,22 +427,27 @@ def _check_values(c: TrainConfig, given: set[str]) -> list[str]:
                 p.append(f"adapter.{problem.requirement}")
     if not d.tasks:
         p.append("data.tasks is empty: name at least one task (e.g. [alpaca, rte])")
-    else:
-        for name in d.tasks:
-            if name not in TASKS:
-                close = difflib.get_close_matches(name, list(TASKS), n=1)
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
-                p.append(f"data.tasks: unknown task {_show(name)}{hint}; `multilora tasks` lists them")
-        if len(set(d.tasks)) != len(d.tasks):
-            p.append(f"data.tasks {_show(d.tasks)} names a task twice; list each task once")
+    elif isinstance(d.tasks, str) and not d.tasks.lower().endswith((".yaml", ".yml")):
+        p.append(f"data.tasks = {_show(d.tasks)} has the wrong type: expected a list of a string or a task spec, "
+                 f"or a .yaml task file; write [{d.tasks}] for one task")
+        d.tasks = [d.tasks]
+    else:  # task files read in place; own tasks checked (their data too), registered, paths kept absolute
+        d.tasks, task_problems = resolve_tasks(d.tasks)
+        p += [f"data.tasks: {x}" for x in task_problems]
+    names = task_names(d.tasks)
     one_of("data.mixture", d.mixture, STRATEGIES)
     positive("data.temperature", d.temperature)
+    spec_weighted = [e["name"] for e in d.tasks if isinstance(e, dict) and e.get("weight") is not None]
     if d.weights is not None and d.mixture != "weights":
         p.append(f"data.weights is set but data.mixture is {_show(d.mixture)}; set data.mixture: weights")
+    elif spec_weighted and d.mixture != "weights":
+        p.append(f"task(s) {', '.join(spec_weighted)} give a weight but data.mixture is {_show(d.mixture)}; "
+                 "set data.mixture: weights")
     if d.mixture == "weights":
-        w = d.weights or {}
-        if set(w) != set(d.tasks) or any(not (v > 0 and math.isfinite(v)) for v in w.values()):
-            p.append(f"data.weights must give one positive weight per task in data.tasks {_show(d.tasks)}, got {_show(d.weights)}")
+        w = mixture_weights(d.tasks, d.weights) or {}
+        if set(w) != set(names) or any(not (v > 0 and math.isfinite(v)) for v in w.values()):
+            p.append(f"data.weights must give one positive weight per task in data.tasks {_show(names)} "
+                     f"(or the task spec's weight:), got {_show(w or d.weights)}")
     if d.max_len < 8:
         p.append(f"data.max_len = {d.max_len} is too short; use at least 8 (typically 256-512)")
     positive("data.eval_examples", d.eval_examples, zero_ok=True)

@@ -23,15 +23,21 @@ from .errors import MultiLoRAError
 
 IGNORE = -100  # label of tokens that carry no loss (prompt, padding)
 STRATEGIES = ("proportional", "temperature", "uniform", "weights")
+BUNDLED = Path(__file__).resolve().parent / "bundled"  # the public data shipped in the package
 
 
 @dataclass(frozen=True)
 class Example:
-    """One training example: the loss covers `response` (plus EOS), never `prompt`."""
+    """One training example: the loss covers `response` (plus EOS), never `prompt`.
+
+    A chat example also holds `messages` ((role, content) pairs): it is rendered by the tokenizer's
+    chat template and the loss covers every assistant turn (`prompt`/`response` then only describe it).
+    """
 
     task: str
     prompt: str
     response: str
+    messages: tuple[tuple[str, str], ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -54,28 +60,36 @@ class MCItem:
 
 
 def data_root() -> Path:
-    """The bundled data folder: `$MULTILORA_DATA`, else `../shared/data` beside the repository."""
+    """The data folder the tasks read: `$MULTILORA_DATA` if set, else the copy shipped in the package (`bundled/`).
+
+    Either holds alpaca/, mmlu/ and superglue/ (see bundled/README.md for sources and licenses).
+    """
     env = os.environ.get("MULTILORA_DATA")
     if env:
         root = Path(env).expanduser()
         if not root.is_dir():
             raise MultiLoRAError(f"$MULTILORA_DATA={env} is not a folder; point it at the folder "
-                                 "holding alpaca/, mmlu/ and superglue/")
+                                 "holding alpaca/, mmlu/ and superglue/ (or unset it to use the bundled data)")
         return root
-    root = Path(__file__).resolve().parents[3] / "shared" / "data"  # src/multilora/data.py -> repo/..
-    if not root.is_dir():
-        raise MultiLoRAError(f"bundled data folder not found at {root}; set $MULTILORA_DATA to "
-                             "the folder holding alpaca/, mmlu/ and superglue/")
-    return root
+    if not BUNDLED.is_dir():
+        raise MultiLoRAError(f"bundled data folder not found at {BUNDLED} (an incomplete install?); reinstall "
+                             "multilora or set $MULTILORA_DATA to the folder holding alpaca/, mmlu/ and superglue/")
+    return BUNDLED
 
 
 def data_file(relative: str, root: str | Path | None = None) -> Path:
-    """`root / relative` (root defaults to `data_root()`), or a MultiLoRAError if it is missing."""
+    """`root / relative`, or its gzipped copy `relative + ".gz"` (root defaults to `data_root()`).
+
+    A MultiLoRAError names the plain path if neither exists.
+    """
     path = Path(root if root is not None else data_root()) / relative
-    if not path.is_file():
-        raise MultiLoRAError(f"{path}: data file not found; check the data root "
-                             "(set $MULTILORA_DATA to the folder holding alpaca/, mmlu/, superglue/)")
-    return path
+    if path.is_file():
+        return path
+    packed = path.with_name(path.name + ".gz")
+    if packed.is_file():
+        return packed
+    raise MultiLoRAError(f"{path}: data file not found (nor {packed.name}); check the data root "
+                         "(set $MULTILORA_DATA to the folder holding alpaca/, mmlu/, superglue/)")
 
 
 def split_bucket(key: str) -> int:
@@ -118,6 +132,8 @@ def tokenize_example(ex: Example, tokenizer: Any, max_len: int, chat: bool = Fal
     A response that does not fit in `max_len` is an error, or with `truncate` (training) the row is
     cut to `max_len` tokens keeping up to half the window of prompt.
     """
+    if ex.messages is not None:
+        return tokenize_chat(ex, tokenizer, max_len, truncate)
     eos = tokenizer.eos_token_id
     if eos is None:
         raise MultiLoRAError("the tokenizer has no eos_token; set one (tokenizer.eos_token = ...)")
@@ -138,6 +154,78 @@ def tokenize_example(ex: Example, tokenizer: Any, max_len: int, chat: bool = Fal
     if len(prompt) > room:  # keep BOS, drop the oldest prompt tokens
         prompt = prompt[:keep_bos] + prompt[len(prompt) - room + keep_bos:]
     return {"input_ids": prompt + response, "labels": [IGNORE] * len(prompt) + response, "task": ex.task}
+
+
+def chat_segments(messages: Sequence[tuple[str, str]], tokenizer: Any, task: str = "chat") -> list[tuple[str, bool]]:
+    """The conversation rendered by the chat template as (text, trained) pieces; trained = an assistant turn.
+
+    Each assistant turn is the text its message adds after the prompt that asks for it
+    (`add_generation_prompt`), so the turn's end-of-turn marker is trained and the role header is not.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise MultiLoRAError(f"task {task!r} is a chat task but this tokenizer has no chat_template; "
+                             "use a model that ships one or set tokenizer.chat_template")
+
+    def text(upto: int, ask: bool) -> str:
+        msgs = [{"role": role, "content": content} for role, content in messages[:upto]]
+        try:
+            return tokenizer.apply_chat_template(msgs, add_generation_prompt=ask, tokenize=False)
+        except Exception as e:  # the template's own checks (jinja raises, e.g. "roles must alternate")
+            raise MultiLoRAError(f"task {task!r}: the chat template refused a conversation ({type(e).__name__}: "
+                                 f"{str(e)[:200]}); fix the messages or use another template") from None
+
+    if messages and messages[0][0] == "assistant":
+        raise MultiLoRAError(f"task {task!r}: a conversation starts with an assistant message; put a user (or "
+                             "system) message first")
+
+    pieces, done = [], ""
+    for k, (role, _) in enumerate(messages):
+        if role != "assistant":
+            continue
+        before, after = text(k, True), text(k + 1, False)
+        if not (before.startswith(done) and after.startswith(before)):
+            raise MultiLoRAError(f"task {task!r}: the chat template does not render the conversation turn by "
+                                 "turn (an earlier turn's text changes later), so assistant turns cannot be "
+                                 "masked; use another template or the instruction format")
+        pieces += [(before[len(done):], False), (after[len(before):], True)]
+        done = after
+    rest = text(len(messages), False)
+    if rest.startswith(done) and len(rest) > len(done):
+        pieces.append((rest[len(done):], False))
+    return [(t, trained) for t, trained in pieces if t]
+
+
+def tokenize_chat(ex: Example, tokenizer: Any, max_len: int, truncate: bool = False) -> dict:
+    """A chat example: the chat template's tokens; labels = the tokens themselves on assistant turns, -100 elsewhere.
+
+    Pieces are tokenized one by one (as prompt and response are), BOS first when the tokenizer adds one.
+    A row longer than `max_len` loses its oldest tokens (after BOS); if no assistant token would be
+    left it keeps its first `max_len` tokens instead (with `truncate`), else it is an error.
+    """
+    ids: list[int] = []
+    labels: list[int] = []
+    for text, trained in chat_segments(ex.messages or (), tokenizer, ex.task):
+        piece = tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids += piece
+        labels += piece if trained else [IGNORE] * len(piece)
+    bos = tokenizer.bos_token_id
+    keep_bos = 1 if adds_bos(tokenizer) else 0
+    if keep_bos and ids[:1] != [bos]:
+        ids, labels = [bos] + ids, [IGNORE] + labels
+    if len(ids) > max_len:
+        cut = len(ids) - max_len
+        tail_ids, tail_labels = ids[:keep_bos] + ids[keep_bos + cut:], labels[:keep_bos] + labels[keep_bos + cut:]
+        if any(label != IGNORE for label in tail_labels):
+            ids, labels = tail_ids, tail_labels
+        elif truncate:
+            ids, labels = ids[:max_len], labels[:max_len]
+        else:
+            raise MultiLoRAError(f"task {ex.task!r}: the conversation needs {len(ids)} tokens and its last "
+                                 f"assistant turn does not fit in {max_len}; raise max_len or shorten it")
+    if all(label == IGNORE for label in labels):
+        raise MultiLoRAError(f"task {ex.task!r}: a conversation has no assistant text to train on; "
+                             "every conversation needs an assistant message")
+    return {"input_ids": ids, "labels": labels, "task": ex.task}
 
 
 def collate(batch: Sequence[Mapping], pad_id: int, task_names: Sequence[str],

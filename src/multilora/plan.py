@@ -23,8 +23,9 @@ from .data import Example, MixtureSampler, collate, tokenize_example
 from .errors import MultiLoRAError
 from .inject import count_parameters, inject
 from .loss import token_losses
-from .models import load_model
-from .tasks import get_task, load_examples
+from .models import check_gradient_checkpointing, enable_gradient_checkpointing, load_model
+from .quant import prepare_kbit_training
+from .tasks import get_task, load_examples, mixture_weights, use_tasks
 
 
 @dataclass
@@ -50,7 +51,8 @@ class Plan:
         groups = ", ".join(f"{g['name']}: {sum(p.numel() for p in g['params']):,} "
                            f"(lr {g['lr']:g}, wd {g['weight_decay']})" for g in self.param_groups)
         sizes = ", ".join(f"{t} {len(v):,}" for t, v in self.train_examples.items())
-        return (f"{c.method} on {c.model}: trainable {self.counts['trainable']:,} / frozen {self.counts['frozen']:,} "
+        quant = f" ({c.quant.quantization} base)" if c.quant.quantized else ""
+        return (f"{c.method} on {c.model}{quant}: trainable {self.counts['trainable']:,} / frozen {self.counts['frozen']:,} "
                 f"parameters ({100 * self.counts['trainable'] / max(1, self.counts['total']):.3f}%); groups {groups}\n"
                 f"tasks: {sizes} ({c.data.mixture} mixture)\n"
                 f"{self.total_steps} steps x global batch {self.global_batch} "
@@ -61,7 +63,15 @@ class Plan:
 def build_plan(config: TrainConfig, num_processes: int = 1) -> Plan:
     """Load the model, apply the method, load the data and size the run; no training."""
     set_seed(config.train.seed)  # before injection: adapter init draws from the RNG
-    model, tokenizer = load_model(config.model)
+    if config.train.gradient_checkpointing:
+        check_gradient_checkpointing(config.model)  # from config.json: refused before the weights load
+    q = config.quant
+    model, tokenizer = load_model(config.model, quantization=q.quantization, compute_dtype=q.compute_dtype,
+                                  double_quant=q.double_quant)
+    if q.quantized:
+        prepare_kbit_training(model)  # once, before the adapters: norms / head in float32, base frozen
+    if config.train.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     if config.method == "full":
         for p in model.parameters():
             p.requires_grad_(True)
@@ -71,7 +81,7 @@ def build_plan(config: TrainConfig, num_processes: int = 1) -> Plan:
     o = config.optim
     groups = param_groups(model, o.lr, o.weight_decay, s_lr_mult=o.s_lr_mult, b_lr_mult=o.b_lr_mult)
 
-    tasks = list(config.data.tasks)
+    tasks = use_tasks(config.data.tasks)  # names; own tasks (specs) registered, their data checked
     train_examples = {t: load_examples(t) for t in tasks}
     for t in tasks:  # fail now, not mid-run, on a template or tokenizer problem
         tokenize(train_examples[t][0], tokenizer, config)
@@ -79,11 +89,14 @@ def build_plan(config: TrainConfig, num_processes: int = 1) -> Plan:
     for t in tasks:
         if config.data.eval_examples <= 0:
             break
+        if get_task(t).eval_split not in get_task(t).splits:  # an own task with eval: none
+            continue
         pool = load_examples(t, get_task(t).eval_split)
         k = min(config.data.eval_examples, len(pool))
         eval_examples[t] = random.Random(f"eval:{t}").sample(pool, k)  # fixed, independent of the seed
     sampler = MixtureSampler({t: len(v) for t, v in train_examples.items()}, config.data.mixture,
-                             config.data.temperature, config.data.weights, seed=config.train.seed)
+                             config.data.temperature, mixture_weights(config.data.tasks, config.data.weights),
+                             seed=config.train.seed)
     global_batch = config.train.batch_size * config.train.grad_accum * num_processes
     if config.train.max_steps is not None:
         total_steps = config.train.max_steps

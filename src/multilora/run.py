@@ -138,7 +138,7 @@ class Run:
             saved = self.saved_config()
         except MultiLoRAError:  # an unreadable config only loses this hint; the files below may still name it
             saved = {}
-        for key in ("model", "base_model"):
+        for key in ("model", "model.name", "model.name_or_path", "model.path", "base_model"):  # flatten splits a mapping
             value = saved.get(key)
             if isinstance(value, dict):
                 value = value.get("name_or_path") or value.get("name") or value.get("path")

@@ -35,6 +35,7 @@ from multilora.cli import main
 from multilora.data import STRATEGIES
 from multilora.errors import MultiLoRAError
 from multilora.layers import INITS, SCALES
+from multilora.quant import COMPUTE_DTYPES, QUANTIZATIONS
 from multilora.tasks import (
     TASKS,
     alpaca,
@@ -579,6 +580,9 @@ BAD_VALUES = {
     "train.seed": st.one_of(NON_INT_FLOAT, NAN_INF, st.text(max_size=6), st.booleans(), st.none(), CONTAINERS),
     "train.mixed_precision": bad_choice(mlconfig.MIXED_PRECISION),
     "train.log_tensorboard": NOT_BOOL, "train.cpu": NOT_BOOL,
+    "train.gradient_checkpointing": NOT_BOOL,
+    "model.quantization": bad_choice(QUANTIZATIONS), "model.compute_dtype": bad_choice(COMPUTE_DTYPES),
+    "model.double_quant": NOT_BOOL,
 }
 BASE_CONFIG = {"model": "smollm2-135m", "method": "multilora", "adapter": {"n": 2, "r": 4},
                "data": {"tasks": ["rte"], "max_len": 64, "eval_examples": 0},
@@ -608,6 +612,8 @@ def bad_setting(draw, folder: Path) -> tuple[str, object]:
 
 def set_dotted(config: dict, key: str, value) -> None:
     section, dot, leaf = key.partition(".")
+    if dot and section == "model" and not isinstance(config.get("model"), dict):  # model.X: the mapping form
+        config["model"] = {"name": config.get("model", "smollm2-135m")}
     if dot:
         config.setdefault(section, {})
         config[section][leaf] = value
