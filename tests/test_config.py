@@ -124,3 +124,11 @@ def test_help_lists_every_section_and_key():
     for key in valid_keys():
         assert key.rsplit(".", 1)[-1] in text
     assert yaml.safe_load(TrainConfig().to_yaml())["adapter"]["targets"] == ["q_proj", "v_proj"]
+
+
+def test_a_bare_no_is_the_mixed_precision_setting_not_a_boolean():
+    """YAML 1.1 reads `no` as false: `--train.mixed_precision no` and `mixed_precision: no` mean 'no'."""
+    assert load_config(None, ["--train.mixed_precision", "no"]).train.mixed_precision == "no"
+    assert load_config(None, ["--train.mixed_precision", "bf16"]).train.mixed_precision == "bf16"
+    with pytest.raises(MultiLoRAError, match="train.mixed_precision = True has the wrong type"):
+        load_config(None, ["--train.mixed_precision", "yes"])

@@ -265,10 +265,9 @@ def test_bf16_on_cpu_tracks_float32_and_saves_float32_adapters(tiny_dir, tmp_pat
     from accelerate.state import AcceleratorState
 
     runs = {}
-    for mp in ("no", "bf16"):
-        AcceleratorState._reset_state()  # accelerate keeps one mixed-precision setting per process
+    for mp in ("no", "bf16"):  # one process, two precisions: train() renews accelerate's per-process state
         runs[mp] = train(load_config(None, overrides(tiny_dir, tmp_path / mp, **{
-            "train.max_steps": 20, "train.mixed_precision": f"'{mp}'", "data.eval_examples": 0})), progress=False)
+            "train.max_steps": 20, "train.mixed_precision": mp, "data.eval_examples": 0})), progress=False)
     AcceleratorState._reset_state()  # later tests get a fresh (float32) state
     loss = {mp: [r["loss"] for r in read_metrics(run) if "loss" in r] for mp, run in runs.items()}
     assert len(loss["bf16"]) == 20 and loss["bf16"] != loss["no"]  # bf16 really computed differently

@@ -277,6 +277,8 @@ def config_from_flat(flat: dict[str, Any]) -> TrainConfig:
             list_keys = list_keys or not close
             problems.append(f"unknown key {_show(key)}{hint}")
             continue
+        if key == "train.mixed_precision" and value is False:  # YAML 1.1 reads a bare `no` as false
+            value = "no"
         owner, name = _owner(config, key)
         hint = _field_types(type(owner))[name]
         ok, coerced = _coerce(value, hint)

@@ -33,6 +33,7 @@ from typing import Any, Callable
 
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate.state import AcceleratorState, PartialState
 from accelerate.utils import DistributedType
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
@@ -109,7 +110,16 @@ class Session:
 
 
 def make_accelerator(config: TrainConfig) -> Any:
-    """The Accelerator of a run (mixed precision, accumulation, TensorBoard), or a one-line error."""
+    """The Accelerator of a run (mixed precision, accumulation, TensorBoard), or a one-line error.
+
+    accelerate keeps one mixed-precision setting per process; a single-process caller that trains
+    runs with different settings one after another (a sweep over train.mixed_precision) gets a
+    fresh accelerator state for each.
+    """
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision") not in (None, config.train.mixed_precision) \
+            and PartialState().num_processes == 1:
+        AcceleratorState._reset_state()
     try:
         return Accelerator(
             mixed_precision=config.train.mixed_precision, cpu=config.train.cpu,
@@ -118,8 +128,12 @@ def make_accelerator(config: TrainConfig) -> Any:
             log_with="tensorboard" if config.train.log_tensorboard else None, project_dir=str(config.output_dir),
         )
     except ValueError as e:
-        raise MultiLoRAError(f"cannot set up accelerate with train.mixed_precision = "
-                             f"{config.train.mixed_precision!r} ({e}); use 'no' or 'bf16' on CPU") from None
+        detail = " ".join(str(e).split())[:300]
+        if "mixed_precision" in str(e) or "bf16" in str(e) or "fp16" in str(e):
+            raise MultiLoRAError(f"cannot set up accelerate with train.mixed_precision = "
+                                 f"{config.train.mixed_precision!r} ({detail}); use 'no' or 'bf16' on CPU") from None
+        raise MultiLoRAError(f"cannot set up accelerate ({detail}); check the launch config or the ACCELERATE_* "
+                             "environment variables of this process") from None
 
 
 def setup(config: TrainConfig, accelerator: Any, run: Run, resume: bool, eval_fn: EvalFn | None) -> Session:
