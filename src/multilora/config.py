@@ -40,7 +40,7 @@ from .inject import MultiLoRAConfig
 from .models import DEFAULT_MODEL as EMBEDDED_MODEL
 from .quant import COMPUTE_DTYPES, INSTALL_HINT, QUANTIZATIONS, QuantConfig, bitsandbytes_available
 from .tasks import PAPER_MIXTURE, mixture_weights, resolve_tasks, task_names
-from .tasks.spec import resolve_paths
+from .tasks.entries import resolve_paths
 
 METHODS = ("multilora", "lora", "full")
 SCHEDULES = ("linear", "cosine")

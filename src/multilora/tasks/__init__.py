@@ -6,7 +6,7 @@
     get_task("multirc").metrics(scores)    # the task's metrics of its item scores
     list_tasks()                  # name, rows per split, source (for `multilora tasks`)
 
-Own tasks (YAML specs, `tasks.spec`) are registered by `resolve_tasks`/`use_tasks` (loading a
+Own tasks (YAML specs, `tasks.spec`) are registered by `resolve_tasks`/`use_tasks` (`tasks.entries`; loading a
 config does it) and are then found by `get_task` like the bundled ones.
 Loaders take the split and `root` (the data folder; default `multilora.data.data_root()`).
 Each task also owns its evaluation rules: its metrics, what an evaluation `limit` counts (items,
@@ -26,7 +26,7 @@ from ..errors import MultiLoRAError
 from . import alpaca, mmlu, superglue
 from .custom import load_custom, load_custom_items
 from .metrics import accuracy, mmlu_metrics, multirc
-from .spec import USER_TASKS, eval_task_names, mixture_weights, resolve_tasks, task_names, use_tasks
+from .entries import USER_TASKS, eval_task_names, mixture_weights, resolve_tasks, task_names, use_tasks
 
 __all__ = ["TASKS", "TaskInfo", "PAPER_MIXTURE", "DEFAULT_EVAL_TASKS", "MMLU_SUBJECTS_SHARE", "get_task",
            "eval_limit", "eval_items", "list_tasks", "load_examples", "load_items", "load_custom", "load_custom_items",

@@ -19,7 +19,7 @@ from ..data import IGNORE, Example, tokenize_example
 from ..errors import MultiLoRAError
 from ..models import DEFAULT_MODEL, embedded_tokenizer
 from . import get_task, load_examples, load_items
-from .spec import read_task_file, use_tasks
+from .entries import read_task_file, use_tasks
 
 DEFAULT_MAX_LEN = 256  # DataOptions.max_len's default
 NO_LIMIT = 10**9
