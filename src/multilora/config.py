@@ -24,10 +24,7 @@ from __future__ import annotations
 import difflib
 import math
 import os
-import reprlib
 import textwrap
-import types
-import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Union
@@ -41,19 +38,11 @@ from .models import DEFAULT_MODEL as EMBEDDED_MODEL
 from .quant import COMPUTE_DTYPES, INSTALL_HINT, QUANTIZATIONS, QuantConfig, bitsandbytes_available
 from .tasks import PAPER_MIXTURE, mixture_weights, resolve_tasks, task_names
 from .tasks.entries import resolve_paths
+from .typed_config import coerce, field_types, parse_overrides, show, type_name
 
 METHODS = ("multilora", "lora", "full")
 SCHEDULES = ("linear", "cosine")
 MIXED_PRECISION = ("no", "bf16", "fp16")
-
-_REPR = reprlib.Repr()  # user values in error messages: a YAML alias bomb or a 1 MB string stays short
-_REPR.maxstring, _REPR.maxother, _REPR.maxlist, _REPR.maxtuple, _REPR.maxdict, _REPR.maxlevel = 60, 60, 6, 6, 6, 3
-
-
-def _show(value: Any) -> str:
-    """A bounded repr of a user's value for an error message."""
-    return _REPR.repr(value)
-
 
 @dataclass
 class DataOptions:
@@ -173,38 +162,6 @@ def help_text() -> str:
 # ----------------------------------------------------------------------------- loading
 
 
-def parse_overrides(overrides: list[str]) -> dict[str, Any]:
-    """`["--adapter.n", "4", "--optim.lr=3e-4"]` -> {"adapter.n": 4, "optim.lr": "3e-4"} (values via YAML)."""
-    out: dict[str, Any] = {}
-    i = 0
-    while i < len(overrides):
-        token = overrides[i]
-        if not token.startswith("--") or len(token) <= 2:
-            raise MultiLoRAError(f"unexpected argument {token!r}: overrides look like --section.key value "
-                                 "(e.g. --adapter.n 4 --optim.lr 3e-4)")
-        key, eq, value = token[2:].partition("=")
-        if not eq:
-            if i + 1 >= len(overrides) or (overrides[i + 1].startswith("--") and len(overrides[i + 1]) > 2
-                                            and not _is_number(overrides[i + 1])):
-                raise MultiLoRAError(f"override --{key} has no value: write --{key} VALUE")
-            value = overrides[i + 1]
-            i += 1
-        try:
-            out[key] = yaml.safe_load(value) if value != "" else ""
-        except yaml.YAMLError as e:
-            raise MultiLoRAError(f"override --{key}: cannot parse value {value!r} ({str(e).splitlines()[0]})") from None
-        i += 1
-    return out
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-        return True
-    except ValueError:
-        return False
-
-
 def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> TrainConfig:
     """Read a YAML config (or the defaults when `path` is None), apply overrides, validate; raise once listing every problem."""
     raw: dict[str, Any] = {}
@@ -265,7 +222,7 @@ def config_from_flat(flat: dict[str, Any]) -> TrainConfig:
     for key, value in flat.items():
         if key not in keys:
             if key in SECTIONS:
-                problems.append(f"section {key!r} must be a mapping of keys, got {_show(value)}")
+                problems.append(f"section {key!r} must be a mapping of keys, got {show(value)}")
                 continue
             close = _alias(key, keys) or difflib.get_close_matches(key, keys, n=1, cutoff=0.5)
             if not close and "." in key:  # match the leaf within its section
@@ -275,15 +232,15 @@ def config_from_flat(flat: dict[str, Any]) -> TrainConfig:
                 close = [f"{section}.{near[0]}"] if near else []
             hint = f"; did you mean {close[0]!r}?" if close else ""
             list_keys = list_keys or not close
-            problems.append(f"unknown key {_show(key)}{hint}")
+            problems.append(f"unknown key {show(key)}{hint}")
             continue
         if key == "train.mixed_precision" and value is False:  # YAML 1.1 reads a bare `no` as false
             value = "no"
         owner, name = _owner(config, key)
-        hint = _field_types(type(owner))[name]
-        ok, coerced = _coerce(value, hint)
+        hint = field_types(type(owner))[name]
+        ok, coerced = coerce(value, hint)
         if not ok:
-            problems.append(f"{key} = {_show(value)} has the wrong type: expected {_type_name(hint)}")
+            problems.append(f"{key} = {show(value)} has the wrong type: expected {type_name(hint)}")
             continue
         setattr(owner, name, coerced)
     problems += _check_values(config, set(flat))  # keys with a type problem keep their default here
@@ -320,70 +277,6 @@ def _owner(config: TrainConfig, key: str) -> tuple[Any, str]:
     return (getattr(config, section), name) if dot else (config, key)
 
 
-def _field_types(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _type_name(hint: Any) -> str:
-    if hint is type(None):
-        return "null"
-    args = typing.get_args(hint)
-    origin = typing.get_origin(hint)
-    if origin in (Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in args)
-    if origin is list:
-        return f"a list of {_type_name(args[0])}"
-    if origin is dict:
-        return f"a mapping of {_type_name(args[0])} to {_type_name(args[1])}"
-    return {int: "an integer", float: "a number", str: "a string", bool: "true or false",
-            Any: "any value"}.get(hint, str(hint))
-
-
-def _coerce(value: Any, hint: Any) -> tuple[bool, Any]:
-    """(ok, value converted to `hint`): ints are accepted as floats, and number strings such as '3e-4' too."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (Union, types.UnionType):
-        for a in args:
-            ok, v = _coerce(value, a)
-            if ok:
-                return True, v
-        return False, None
-    if hint is type(None):
-        return value is None, None
-    if hint is Any:
-        return True, value
-    if origin is list:
-        if isinstance(value, (list, tuple)):
-            out = [_coerce(v, args[0]) for v in value]
-            return all(ok for ok, _ in out), [v for _, v in out]
-        return False, None
-    if origin is dict:
-        if isinstance(value, dict):
-            out = {str(k): _coerce(v, args[1]) for k, v in value.items()}
-            return all(ok for ok, _ in out.values()), {k: v for k, (_, v) in out.items()}
-        return False, None
-    if hint is bool:
-        return isinstance(value, bool), value
-    if hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return True, value
-        if isinstance(value, float) and value.is_integer():
-            return True, int(value)
-        return False, None
-    if hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return True, float(value)
-        if isinstance(value, str):  # PyYAML reads 3e-4 (no dot) as a string
-            try:
-                return True, float(value)
-            except ValueError:
-                return False, None
-        return False, None
-    if hint is str:
-        return isinstance(value, str), value
-    return False, None
-
-
 def _check_values(c: TrainConfig, given: set[str]) -> list[str]:
     """Cross-field and range rules, all in one place; returns the problems found."""
     p: list[str] = []
@@ -392,11 +285,11 @@ def _check_values(c: TrainConfig, given: set[str]) -> list[str]:
         if value not in allowed:
             close = difflib.get_close_matches(str(value), allowed, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            p.append(f"{key} = {_show(value)} is not valid{hint}; use one of {', '.join(allowed)}")
+            p.append(f"{key} = {show(value)} is not valid{hint}; use one of {', '.join(allowed)}")
 
     def positive(key: str, value: float, zero_ok: bool = False) -> None:
         if not math.isfinite(value) or value < 0 or (value == 0 and not zero_ok):
-            p.append(f"{key} = {_show(value)} must be {'>= 0' if zero_ok else '> 0'}")
+            p.append(f"{key} = {show(value)} must be {'>= 0' if zero_ok else '> 0'}")
 
     one_of("method", c.method, METHODS)
     q = c.quant
@@ -413,7 +306,7 @@ def _check_values(c: TrainConfig, given: set[str]) -> list[str]:
     if c.method == "lora":  # plain LoRA is MultiLoRA with n = 1, B = 0 at init and no scales
         for key, want in (("n", 1), ("init", "lora"), ("scale", "none")):
             if f"adapter.{key}" in given and getattr(a, key) != want:
-                p.append(f"method lora uses adapter.{key} = {want!r}, got {_show(getattr(a, key))}; "
+                p.append(f"method lora uses adapter.{key} = {want!r}, got {show(getattr(a, key))}; "
                          f"drop adapter.{key} or use method multilora")
         if "adapter.scale_init" in given and a.scale_init is not None:
             p.append("method lora has no scales, so adapter.scale_init does not apply; drop it or use method multilora")
@@ -424,13 +317,13 @@ def _check_values(c: TrainConfig, given: set[str]) -> list[str]:
             if problem.choices:
                 one_of(key, value, problem.choices)
             elif problem.requirement.startswith("must"):
-                p.append(f"{key} = {_show(value)} {problem.requirement}")
+                p.append(f"{key} = {show(value)} {problem.requirement}")
             else:
                 p.append(f"adapter.{problem.requirement}")
     if not d.tasks:
         p.append("data.tasks is empty: name at least one task (e.g. [alpaca, rte])")
     elif isinstance(d.tasks, str) and not d.tasks.lower().endswith((".yaml", ".yml")):
-        p.append(f"data.tasks = {_show(d.tasks)} has the wrong type: expected a list of a string or a task spec, "
+        p.append(f"data.tasks = {show(d.tasks)} has the wrong type: expected a list of a string or a task spec, "
                  f"or a .yaml task file; write [{d.tasks}] for one task")
         d.tasks = [d.tasks]
     else:  # task files read in place; own tasks checked (their data too), registered, paths kept absolute
@@ -441,15 +334,15 @@ def _check_values(c: TrainConfig, given: set[str]) -> list[str]:
     positive("data.temperature", d.temperature)
     spec_weighted = [e["name"] for e in d.tasks if isinstance(e, dict) and e.get("weight") is not None]
     if d.weights is not None and d.mixture != "weights":
-        p.append(f"data.weights is set but data.mixture is {_show(d.mixture)}; set data.mixture: weights")
+        p.append(f"data.weights is set but data.mixture is {show(d.mixture)}; set data.mixture: weights")
     elif spec_weighted and d.mixture != "weights":
-        p.append(f"task(s) {', '.join(spec_weighted)} give a weight but data.mixture is {_show(d.mixture)}; "
+        p.append(f"task(s) {', '.join(spec_weighted)} give a weight but data.mixture is {show(d.mixture)}; "
                  "set data.mixture: weights")
     if d.mixture == "weights":
         w = mixture_weights(d.tasks, d.weights) or {}
         if set(w) != set(names) or any(not (v > 0 and math.isfinite(v)) for v in w.values()):
-            p.append(f"data.weights must give one positive weight per task in data.tasks {_show(names)} "
-                     f"(or the task spec's weight:), got {_show(w or d.weights)}")
+            p.append(f"data.weights must give one positive weight per task in data.tasks {show(names)} "
+                     f"(or the task spec's weight:), got {show(w or d.weights)}")
     if d.max_len < 8:
         p.append(f"data.max_len = {d.max_len} is too short; use at least 8 (typically 256-512)")
     positive("data.eval_examples", d.eval_examples, zero_ok=True)
@@ -461,7 +354,7 @@ def _check_values(c: TrainConfig, given: set[str]) -> list[str]:
     positive("optim.s_lr_mult", o.s_lr_mult)
     positive("optim.b_lr_mult", o.b_lr_mult)
     if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
-        p.append(f"optim.betas = {_show(o.betas)} must be two numbers in [0, 1), e.g. [0.9, 0.999]")
+        p.append(f"optim.betas = {show(o.betas)} must be two numbers in [0, 1), e.g. [0.9, 0.999]")
     one_of("optim.schedule", o.schedule, SCHEDULES)
     for key in ("batch_size", "grad_accum", "keep_last", "log_every"):
         positive(f"train.{key}", getattr(t, key))
@@ -484,10 +377,10 @@ def _check_values(c: TrainConfig, given: set[str]) -> list[str]:
     if c.model != EMBEDDED_MODEL:
         path = Path(c.model).expanduser()
         if not path.is_dir():
-            p.append(f"model {_show(c.model)} is not a local folder (this tool never downloads): pass --model PATH "
+            p.append(f"model {show(c.model)} is not a local folder (this tool never downloads): pass --model PATH "
                      f"to a save_pretrained folder, or {EMBEDDED_MODEL!r} for the embedded model")
         elif not (path / "config.json").is_file():
-            p.append(f"model folder {_show(c.model)} has no config.json: pass a folder written by save_pretrained")
+            p.append(f"model folder {show(c.model)} has no config.json: pass a folder written by save_pretrained")
     return p
 
 
