@@ -11,7 +11,8 @@ import torch
 import multilora as ml
 from conftest import make_tiny, randomize_adapters
 from multilora.cli import main
-from multilora.export import export_merged, export_serving, import_peft
+from multilora.export import export_merged, export_serving
+from multilora.peft_import import import_peft
 
 REFUSED = "already exists and is not empty; pass --overwrite to replace it or choose another --out"
 

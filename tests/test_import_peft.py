@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 import multilora as ml
 from multilora.checkpoint import read_adapter
-from multilora.export import add_import_peft_arguments, import_peft, run_import_peft_cli
+from multilora.peft_import import add_import_peft_arguments, import_peft, run_import_peft_cli
 
 peft = pytest.importorskip("peft")
 

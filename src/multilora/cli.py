@@ -19,9 +19,9 @@ from .config import help_text, load_config, valid_keys
 from .demo import DEFAULT_STEPS, EVAL_LIMIT, QUICK_EVAL_LIMIT, QUICK_STEPS, run_demo
 from .errors import MultiLoRAError
 from .evaluate import add_eval_arguments, run_eval_cli
-from .export import (OVERWRITE_HELP, add_export_serving_arguments, add_import_peft_arguments, export_merged,
-                     run_export_peft_cli, run_import_peft_cli)
+from .export import OVERWRITE_HELP, add_export_serving_arguments, export_merged, run_export_peft_cli
 from .generate import add_generate_arguments, run_generate_cli
+from .peft_import import add_import_peft_arguments, run_import_peft_cli
 from .sweep import add_sweep_arguments, run_sweep_cli
 from .tasks import list_tasks
 

@@ -10,8 +10,8 @@ A module's update is dW = scaling * lora_B @ lora_A with scaling = lora_alpha / 
 lora_alpha / sqrt(r) with use_rslora, where rank_pattern / alpha_pattern can give a module
 another r / lora_alpha (the first pattern that matches the end of its path).
 
-Users: `export` (export_peft writes this format, import_peft reads it), `analyze` (spectra of a
-PEFT adapter) and `evaluate` (check_peft_for_model before peft loads an adapter).
+Users: `export` (export_peft writes this format), `peft_import` (import_peft reads it), `analyze` (spectra
+of a PEFT adapter) and `evaluate` (check_peft_for_model before peft loads an adapter).
 """
 
 from __future__ import annotations

@@ -31,7 +31,8 @@ from multilora.checkpoint import CONFIG_NAME, WEIGHTS_NAME, read_adapter, sha256
 from multilora.cli import main
 from multilora.errors import MultiLoRAError
 from multilora.evaluate import resolve_target
-from multilora.export import export_peft, import_peft
+from multilora.export import export_peft
+from multilora.peft_import import import_peft
 
 peft = pytest.importorskip("peft")
 

@@ -28,7 +28,7 @@ from multilora.analyze import analyze_run
 from multilora.cli import main
 from multilora.errors import MultiLoRAError
 from multilora.evaluate import resolve_target
-from multilora.export import import_peft
+from multilora.peft_import import import_peft
 
 CAT = "untrusted input"
 PACKAGE = Path(multilora.__file__).resolve().parent
