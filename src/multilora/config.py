@@ -37,7 +37,7 @@ from .inject import MultiLoRAConfig
 from .models import DEFAULT_MODEL as EMBEDDED_MODEL
 from .quant import COMPUTE_DTYPES, INSTALL_HINT, QUANTIZATIONS, QuantConfig, bitsandbytes_available
 from .tasks import PAPER_MIXTURE, mixture_weights, resolve_tasks, task_names
-from .tasks.entries import resolve_paths
+from .tasks.entries import resolve_paths, spec_weights
 from .typed_config import coerce, field_types, parse_overrides, show, type_name
 
 METHODS = ("multilora", "lora", "full")
@@ -332,7 +332,7 @@ def _check_values(c: TrainConfig, given: set[str]) -> list[str]:
     names = task_names(d.tasks)
     one_of("data.mixture", d.mixture, STRATEGIES)
     positive("data.temperature", d.temperature)
-    spec_weighted = [e["name"] for e in d.tasks if isinstance(e, dict) and e.get("weight") is not None]
+    spec_weighted = list(spec_weights(d.tasks))
     if d.weights is not None and d.mixture != "weights":
         p.append(f"data.weights is set but data.mixture is {show(d.mixture)}; set data.mixture: weights")
     elif spec_weighted and d.mixture != "weights":

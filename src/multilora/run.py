@@ -117,13 +117,13 @@ class Run:
         """Write the resolved config.yaml."""
         write_text_atomic(self.path / CONFIG_FILE, config.to_yaml())
 
-    def config_diff(self, config: TrainConfig, ignore: tuple[str, ...] = ()) -> list[str]:
-        """The dotted keys whose value in `config` differs from config.yaml (output_dir and `ignore` aside).
+    def saved_values(self) -> dict[str, Any]:
+        """config.yaml's {dotted key: value}, a key it lacks (written by an older multilora) counting as its default."""
+        return {**flatten(TrainConfig().to_dict()), **self.saved_config()}
 
-        A key config.yaml lacks (written by an older multilora) counts as its default.
-        """
-        saved = {**flatten(TrainConfig().to_dict()), **self.saved_config()}
-        wanted = flatten(config.to_dict())
+    def config_diff(self, config: TrainConfig, ignore: tuple[str, ...] = ()) -> list[str]:
+        """The dotted keys whose value in `config` differs from `saved_values()` (output_dir and `ignore` aside)."""
+        saved, wanted = self.saved_values(), flatten(config.to_dict())
         return [k for k in wanted if k != "output_dir" and k not in ignore and saved.get(k) != wanted[k]]
 
     def base_model(self) -> str | None:

@@ -91,7 +91,7 @@ def check_existing(runs: list[dict[str, Any]], out: Path, fix: str | None = None
         folder = Run(run["config"].output_dir)
         diff = folder.config_diff(run["config"]) if folder.has_config() else []
         if diff:
-            k, saved, wanted = diff[0], folder.saved_config(), flatten(run["config"].to_dict())
+            k, saved, wanted = diff[0], folder.saved_values(), flatten(run["config"].to_dict())
             raise MultiLoRAError(
                 f"run {run['name']} in {out} was trained with a different config: {k} is "
                 f"{value_text(saved.get(k))} there but {value_text(wanted[k])} now"

@@ -421,7 +421,7 @@ def resolve_resume(run_dir: str | os.PathLike, config: TrainConfig | None = None
     if config is not None:
         diff = run.config_diff(config, ignore=RESUMABLE_CHANGES)
         if diff:
-            a, b = {**flatten(TrainConfig().to_dict()), **run.saved_config()}, flatten(config.to_dict())
+            a, b = run.saved_values(), flatten(config.to_dict())
             raise MultiLoRAError(
                 f"the config differs from the one {run_dir} was trained with at {', '.join(diff)} "
                 f"(e.g. {diff[0]}: saved {a[diff[0]]!r}, given {b.get(diff[0])!r}); resume with the same settings "
