@@ -16,6 +16,8 @@ applies. Loading what to evaluate lives in `targets`, tables and --compare in `t
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -50,9 +52,12 @@ def _evaluate_task(model: nn.Module, tokenizer: Any, task: str, shots: int, limi
     if info.items is None:  # evaluated by response perplexity
         examples = load_examples(task, split=info.eval_split, root=root)[:limit]
         res = {"kind": "perplexity", "split": info.eval_split, "n": len(examples),
-               **response_nll(model, tokenizer, examples, batch_size, chat, progress, label=task),
+               **response_nll(model, tokenizer, examples, batch_size, chat, progress, label=task, per_item=save_items),
                "chance": float(len(tokenizer)),  # a uniform guess over the vocabulary
                "prompt_example": render(examples[0].prompt, tokenizer, chat)}
+        if save_items:  # an id per example: --compare pairs the same examples across results
+            for record, ex in zip(res["items"], examples):
+                record["id"] = item_id(ex.prompt, [ex.response])
         if info.generation:  # an own short-answer task: greedy outputs against the responses
             res |= _exact_match(model, tokenizer, examples, chat, save_items)
         return res
@@ -62,8 +67,13 @@ def _evaluate_task(model: nn.Module, tokenizer: Any, task: str, shots: int, limi
            **info.metrics(scores), "prompt_example": render(items[0].prompt, tokenizer, chat),
            "choices": items[0].choices}
     if save_items:
-        res["items"] = scores
+        res["items"] = [{"id": item_id(it.prompt, it.choices), **score} for it, score in zip(items, scores)]
     return res
+
+
+def item_id(prompt: str, answers: Sequence[str]) -> str:
+    """A short stable id of an item (its prompt and choices, or prompt and response): pairs items across results."""
+    return hashlib.sha1(json.dumps([prompt, list(answers)]).encode("utf-8")).hexdigest()[:16]
 
 
 def _exact_match(model: nn.Module, tokenizer: Any, examples: list, chat: bool, save_items: bool) -> dict:
@@ -91,7 +101,8 @@ def evaluate(model: nn.Module, tokenizer: Any, tasks: Sequence[str], shots: int 
 
     `shots` applies to MMLU (dev examples); `limit` caps items (per MMLU subject, per MultiRC question);
     `generate` > 0 adds greedy outputs for that many held-out Alpaca prompts (compare them across runs);
-    `save_items` keeps every item's scores (ll, ll_norm, pred, pred_norm, gold, task, group);
+    `save_items` keeps every item's scores (id, ll, ll_norm, pred, pred_norm, gold, task, group; for a
+    perplexity task id, nll, tokens), so results can be compared item by item later (`tables.compare`);
     `progress` shows each task's progress on stderr (a bar on a terminal, else a line every ~10 s).
     """
     if isinstance(tasks, str):

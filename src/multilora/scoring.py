@@ -211,30 +211,41 @@ def score_choices(model: nn.Module, tokenizer: Any, items: Sequence[MCItem], bat
 
 
 def response_nll(model: nn.Module, tokenizer: Any, examples: Sequence[Example], batch_size: int = 8,
-                 chat: bool = False, progress: bool = False, label: str | None = None) -> dict:
-    """Summed negative log-likelihood of the response tokens (+ EOS) of `examples`, their count and perplexity."""
+                 chat: bool = False, progress: bool = False, label: str | None = None,
+                 per_item: bool = False) -> dict:
+    """Summed negative log-likelihood of the response tokens (+ EOS) of `examples`, their count and perplexity.
+
+    `per_item` adds "items": per example (in order) its summed "nll" and scored "tokens".
+    """
     max_len = max_length(model, cap=2048)
     rows = [tokenize_example(ex, tokenizer, max_len, chat) for ex in examples]
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i]["input_ids"]))
     device = next(model.parameters()).device
     nll, count = 0.0, 0
+    item_nll, item_tokens = [0.0] * len(rows), [0] * len(rows)
     was_training = model.training
     model.eval()
     try:
         bar = EvalProgress(len(rows), f"{label or rows[0]['task']} perplexity", "examples", progress)
         with bar, torch.inference_mode():
             for b0 in range(0, len(order), batch_size):
-                chunk = [rows[i] for i in order[b0:b0 + batch_size]]
+                index = order[b0:b0 + batch_size]
+                chunk = [rows[i] for i in index]
                 tasks = sorted({row["task"] for row in chunk})
                 batch = {k: v.to(device) for k, v in collate(chunk, pad_id(tokenizer), tasks, multiple_of=1).items()}
-                sums, counts = token_losses(model, batch, len(tasks))  # (n_tasks,) each
-                nll += float(sums.double().sum())
-                count += int(counts.sum())
+                batch["task_ids"] = torch.arange(len(chunk), device=device)  # one "task" per row: per-example sums
+                sums, counts = token_losses(model, batch, len(chunk))  # (B,) each
+                for i, s, c in zip(index, sums.double().tolist(), counts.tolist()):
+                    item_nll[i], item_tokens[i] = s, int(c)
                 bar.advance(len(chunk))
     finally:
         model.train(was_training)
-    return {"nll": nll, "tokens": count, "nll_per_token": nll / max(count, 1),
-            "perplexity": math.exp(nll / count) if count else float("nan")}
+    nll, count = math.fsum(item_nll), sum(item_tokens)
+    out = {"nll": nll, "tokens": count, "nll_per_token": nll / max(count, 1),
+           "perplexity": math.exp(nll / count) if count else float("nan")}
+    if per_item:
+        out["items"] = [{"nll": v, "tokens": n} for v, n in zip(item_nll, item_tokens)]
+    return out
 
 
 def generate_texts(model: nn.Module, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int = 64,
