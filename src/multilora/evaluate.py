@@ -30,6 +30,7 @@ from ._version import __version__
 from .data import render
 from .errors import MultiLoRAError
 from .io import check_writable_dir, write_json_atomic
+from .paired import check_paired_args, print_paired
 from .scoring import generate_samples, max_length, response_nll, score_choices
 from .tables import (EVAL_NAME, column_labels, compare, flat_metrics, generations_table, read_result, result_table,
                      summary_rows)
@@ -172,7 +173,14 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens per generated output (default: 64)")
     p.add_argument("--save-items", action="store_true", help="keep every item's scores in eval.json")
     p.add_argument("--compare", nargs="+", metavar="RUN", default=None,
-                   help="print eval.json files (or folders holding one) side by side instead of evaluating")
+                   help="print eval.json files (or folders holding one) side by side instead of evaluating; "
+                   "results saved with --save-items also get paired differences vs the baseline with 95%% "
+                   "intervals, McNemar p and a verdict (folders named <x>-seed<k> pool into seed groups)")
+    p.add_argument("--baseline", default=None, metavar="LABEL",
+                   help="with --compare: the run (column label) or seed group the others are compared with "
+                   "(default: the first)")
+    p.add_argument("--forest", default=None, metavar="PNG",
+                   help="with --compare: also write the paired differences as a forest plot to PNG")
 
 
 def _check_out(out: Path) -> None:
@@ -187,13 +195,17 @@ def _check_out(out: Path) -> None:
 def run_eval_cli(args: argparse.Namespace) -> None:
     """`multilora eval`: evaluate TARGET, print the table, write eval.json; or --compare results."""
     console = Console()
+    if not args.compare and (args.forest is not None or args.baseline is not None):
+        raise MultiLoRAError("--forest and --baseline go with --compare RUN...; add --compare")
     if args.compare:
         if args.target is not None:
             raise MultiLoRAError("give either TARGET or --compare RUN..., not both")
+        check_paired_args(args.compare, args.baseline, args.forest)  # before any table is printed
         console.print(compare(args.compare))
         gens = generations_table([read_result(p) for p in args.compare], column_labels(args.compare))
         if gens is not None:
             console.print(gens)
+        print_paired(console, args.compare, args.baseline, args.forest)
         return
     if args.target is None:
         raise MultiLoRAError("name what to evaluate: multilora eval TARGET --tasks ... (or --compare RUN...)")

@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .errors import MultiLoRAError
-from .io import atomic_path
+from .io import atomic_path, check_writable_dir
 from .stats import Interval, mcnemar_p, mean_paired_bootstrap, paired_bootstrap, verdict
 from .tables import column_labels, read_result
 
@@ -169,9 +169,9 @@ def compare_paired(groups: dict[str, list[dict]], baseline: str | None = None, n
                              [pair["note"], seed_note, p_note]))
         if len(accuracy_parts) >= 2:
             iv = mean_paired_bootstrap(accuracy_parts, n_boot=n_boot, seed=seed + len(tasks))
-            rows.append(_row(OVERALL, "acc (mean of tasks)", run, base, iv, None,
+            rows.append(_row(OVERALL, "acc (mean)", run, base, iv, None,
                              sum(a.shape[1] for a, _, _ in accuracy_parts), s, True,
-                             [f"mean over {len(accuracy_parts)} multiple-choice tasks", seed_note]))
+                             [f"the mean over {len(accuracy_parts)} multiple-choice tasks", seed_note]))
     return rows
 
 
@@ -211,17 +211,27 @@ def p_text(p: float | None) -> str:
 
 
 def paired_table(rows: list[dict[str, Any]], title: str) -> Table:
-    """A rich Table of compare_paired rows: task, metric, run, difference [95% CI], McNemar p, verdict, n, note."""
+    """A rich Table of compare_paired rows: task, metric, run, diff [95% CI], McNemar p, verdict, n
+    (items, x seeds); the rows' notes are `row_notes`."""
     table = Table(title=title)
-    for name, justify in (("task", "left"), ("metric", "left"), ("run", "left"), ("difference [95% CI]", "right"),
-                          ("McNemar p", "right"), ("verdict", "left"), ("n", "right"), ("note", "left")):
-        table.add_column(name, justify=justify)
+    for name, justify in (("task", "left"), ("metric", "left"), ("run", "left"), ("diff [95% CI]", "right"),
+                          ("McNemar p", "right"), ("verdict", "left"), ("n", "right")):
+        table.add_column(name, justify=justify, no_wrap=name in ("task", "diff [95% CI]", "verdict"))
     style = {"better": "green", "worse": "red", "can't tell": "dim"}
     for r in rows:
-        n = f"{r['n_items']}" + (f" x {r['n_seeds']} seeds" if r["n_seeds"] > 1 else "")
+        n = f"{r['n_items']}" + (f" x {r['n_seeds']}" if r["n_seeds"] > 1 else "")
         table.add_row(r["task"], r["metric"], r["run"], interval_text(r), p_text(r["p_mcnemar"]),
-                      f"[{style[r['verdict']]}]{r['verdict']}[/]", n, r["note"])
+                      f"[{style[r['verdict']]}]{r['verdict']}[/]", n)
     return table
+
+
+def row_notes(rows: list[dict[str, Any]]) -> list[str]:
+    """"task, run: note" for each row with a note (notes shared by several rows once)."""
+    seen: dict[str, list[str]] = {}
+    for r in rows:
+        for note in filter(None, r["note"].split("; ")):
+            seen.setdefault(note, []).append(r["task"] if r["task"] != OVERALL else "overall")
+    return [f"{', '.join(dict.fromkeys(where))}: {note}" for note, where in seen.items()]
 
 
 def forest_png(rows: list[dict[str, Any]], path: str | Path, title: str) -> Path:
@@ -271,6 +281,21 @@ def unique_labels(paths: Sequence[str | Path]) -> list[str]:
     return [str(p) if labels.count(label) > 1 else label for p, label in zip(paths, labels)]
 
 
+def check_paired_args(paths: Sequence[str | Path], baseline: str | None, forest: str | Path | None) -> None:
+    """Refuse a --baseline that names none of the compared runs and a --forest path that cannot be written,
+    before any table is printed."""
+    if baseline is not None:
+        labels = unique_labels(paths)
+        resolve_baseline(labels, seed_groups(labels), baseline)
+    if forest is not None:
+        forest = Path(forest)
+        if forest.is_dir():
+            raise MultiLoRAError(f"--forest {forest} is a folder; name a file such as {forest / 'forest.png'}")
+        if forest.suffix.lower() != ".png":
+            raise MultiLoRAError(f"--forest {forest}: the plot is a PNG; name a file ending in .png")
+        check_writable_dir(forest.parent, "folder of --forest")
+
+
 def print_paired(console: Console, paths: Sequence[str | Path], baseline: str | None = None,
                  forest: str | Path | None = None, n_boot: int = 10_000) -> list[dict] | None:
     """`multilora eval --compare`'s second table: paired differences vs the baseline (seed groups pooled),
@@ -293,8 +318,11 @@ def print_paired(console: Console, paths: Sequence[str | Path], baseline: str | 
     pooled = [f"{name} = {', '.join(labels[i] for i in idx)}" for name, idx in groups_idx.items() if len(idx) > 1]
     title = f"paired differences vs {base}" + (f" (seed groups pooled: {'; '.join(pooled)})" if pooled else "")
     console.print(paired_table(rows, title))
-    console.print("difference = run - baseline with its 95% paired-bootstrap interval over items"
-                  + (" and seeds" if pooled else "") + "; verdict from the interval: better/worse when it excludes 0")
+    console.print("diff = run - baseline, 95% paired-bootstrap interval over items"
+                  + (" and seeds" if pooled else "") + "; verdict: better/worse when the interval excludes 0; "
+                  "n = items" + (" x seeds" if pooled else ""))
+    for note in row_notes(rows):
+        console.print(f"note: {note}")
     if forest is not None:
         console.print(f"wrote {forest_png(rows, forest, title)}")
     return rows
