@@ -240,3 +240,66 @@ def test_compare_cli_errors_in_one_line(two_models, capsys):
     code = cli_main(["eval", "--compare", str(two_models / "a.json"), str(two_models / "b-other.json")])
     err = capsys.readouterr().err
     assert code == 2 and "rte: a.json and b-other.json were scored on different items" in err
+
+
+# ----------------------------------------------------------------------------- a sweep's eval.json files
+
+
+@pytest.fixture(scope="module")
+def swept(tiny_dir, tmp_path_factory):
+    """A finished sweep: adapter.init = multilora, lora x 2 seeds, 2 steps each, evaluated on 6 rte and wic items."""
+    import torch
+
+    from multilora.sweep import run_sweep
+
+    root = tmp_path_factory.mktemp("sweep")
+    base = root / "base.yaml"
+    base.write_text(f"model: {tiny_dir}\nmethod: multilora\nadapter: {{n: 2, r: 2, alpha: 4, targets: [q_proj, v_proj]}}\n"
+                    "data: {tasks: [rte, wic], max_len: 64, eval_examples: 0}\noptim: {lr: 0.05}\n"
+                    "train: {batch_size: 2, max_steps: 2, eval_every: 0, save_every: 0, cpu: true}\n")
+    torch.set_num_threads(1)
+    run_sweep(base, [["adapter.init=multilora,lora"]], seeds=2, out_dir=root / "out", limit=6, progress=False)
+    return root / "out"
+
+
+def test_sweep_saves_items_and_reevaluates_a_cached_eval_json_without_them(swept):
+    from multilora import sweep
+
+    folder = swept / "runs" / "init=lora__seed=1"
+    result = json.loads((folder / "eval.json").read_text())
+    assert result["sweep"]["save_items"] is True
+    assert all(len(t["items"]) == 6 for t in result["tasks"].values())
+    old = dict(result, sweep={k: v for k, v in result["sweep"].items() if k != "save_items"},
+               tasks={k: {x: y for x, y in t.items() if x != "items"} for k, t in result["tasks"].items()})
+    (folder / "eval.json").write_text(json.dumps(old))  # as an older version cached it
+    assert sweep.evaluate_run(folder, ["rte", "wic"], 6, progress=False) is True
+    again = json.loads((folder / "eval.json").read_text())
+    assert [i["id"] for i in again["tasks"]["rte"]["items"]] == [i["id"] for i in result["tasks"]["rte"]["items"]]
+    assert sweep.evaluate_run(folder, ["rte", "wic"], 6, progress=False) is False  # now cached
+
+
+def test_sweep_md_holds_the_paired_table_and_compare_pools_the_same_seed_groups(swept, capsys, monkeypatch):
+    from multilora.sweep_report import PAIRED_PNG, summarize
+
+    md = summarize(swept).read_text()
+    assert "## Paired differences vs init=multilora" in md and (swept / PAIRED_PNG).read_bytes()[:4] == b"\x89PNG"
+    groups = {c: [json.loads((swept / "runs" / f"{c}__seed={s}" / "eval.json").read_text()) for s in (0, 1)]
+              for c in ("init=multilora", "init=lora")}
+    rows = compare_paired(groups)
+    assert [r["task"] for r in rows] == ["rte", "wic", "overall"] and all(r["n_seeds"] == 2 for r in rows)
+    from multilora.paired import interval_text
+
+    for r in rows:
+        assert f"| {r['task']} | {r['metric']} | init=lora | {interval_text(r)} |" in md
+    # the CLI on the run folders pools them into the same seed groups and prints the same numbers
+    monkeypatch.setenv("COLUMNS", "200")
+    capsys.readouterr()
+    runs = [str(swept / "runs" / n) for n in ("init=multilora__seed=0", "init=multilora__seed=1",
+                                               "init=lora__seed=0", "init=lora__seed=1")]
+    assert cli_main(["eval", "--compare", *runs]) == 0
+    out = capsys.readouterr().out
+    assert "paired differences vs init=multilora (seed groups pooled)" in out
+    assert ("seed groups: init=multilora = init=multilora__seed=0, init=multilora__seed=1; init=lora = "
+            "init=lora__seed=0, init=lora__seed=1") in out
+    for r in rows:
+        assert interval_text(r) in out

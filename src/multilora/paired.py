@@ -316,7 +316,9 @@ def print_paired(console: Console, paths: Sequence[str | Path], baseline: str | 
     groups = {name: [results[i] for i in idx] for name, idx in groups_idx.items()}
     rows = compare_paired(groups, base, n_boot=n_boot)
     pooled = [f"{name} = {', '.join(labels[i] for i in idx)}" for name, idx in groups_idx.items() if len(idx) > 1]
-    title = f"paired differences vs {base}" + (f" (seed groups pooled: {'; '.join(pooled)})" if pooled else "")
+    title = f"paired differences vs {base}" + (" (seed groups pooled)" if pooled else "")
+    if pooled:
+        console.print(f"seed groups: {'; '.join(pooled)}")
     console.print(paired_table(rows, title))
     console.print("diff = run - baseline, 95% paired-bootstrap interval over items"
                   + (" and seeds" if pooled else "") + "; verdict: better/worse when the interval excludes 0; "

@@ -1,5 +1,6 @@
 """The summary of `multilora sweep`, rebuilt from its folders alone: one row per run (sweep.csv), the
-per-combination table (sweep.md, mean ± std over seeds) and three plots.
+per-combination table (sweep.md, mean ± std over seeds), the paired differences vs the first combination
+(item by item, seeds pooled; with a forest plot) and three plots.
 
 `summarize(out)` reads OUT/sweep.json (what was swept), each run folder (config.yaml, metrics.jsonl,
 finished.json, eval.json, adapter or weights) and OUT/analysis (the spectra, and the runs the analysis failed on).
@@ -19,6 +20,7 @@ from safetensors import safe_open
 from .errors import MultiLoRAError
 from .evaluate import EVAL_NAME
 from .io import atomic_path, read_json_object, write_text_atomic
+from .paired import compare_paired, forest_png, interval_text, p_text, row_notes
 from .report import headline
 from .run import Run
 from .sweep_grid import short_names, value_text
@@ -27,6 +29,7 @@ from .tasks import get_task
 MANIFEST = "sweep.json"  # what the sweep ran: base, grid, seeds, tasks, and each run's overrides
 ANALYSIS_DIR = "analysis"
 ANALYSIS_NOTES = "sweep_analysis.json"  # which finished runs the analysis covers, and runs it failed on
+PAIRED_PNG = "sweep-paired.png"  # the forest plot of the paired differences vs the first combination
 FIGURES = (("sweep-scores.png", "Final score per task vs each swept key (mean ± std over seeds)"),
            ("sweep-heldout.png", "Held-out loss during training (mean over seeds, ± std shaded)"),
            ("sweep-spectrum.png", "Spectrum of the update dW: effective rank and top-1 energy share"))
@@ -129,8 +132,9 @@ def _groups(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
 
 
 def summary_markdown(manifest: dict[str, Any], rows: list[dict[str, Any]], figures: list[tuple[str, str]],
-                     notes: list[str]) -> str:
-    """sweep.md: the per-combination table (mean ± std over seeds), what was run, the figures and notes."""
+                     notes: list[str], paired: list[str] | None = None) -> str:
+    """sweep.md: the per-combination table (mean ± std over seeds), the paired differences (`paired`: markdown
+    lines), what was run, the figures and notes."""
     keys, tasks = manifest["keys"], manifest["eval"]["tasks"]
     mc = {t: is_multiple_choice(t) for t in tasks}
     cols = [("train_loss", "train loss", ".4f", 1), ("heldout_loss", "held-out loss", ".4f", 1)]
@@ -157,6 +161,7 @@ def summary_markdown(manifest: dict[str, Any], rows: list[dict[str, Any]], figur
            "steps; held-out loss = the last periodic evaluation on the held-out examples; effective rank and "
            "top-1 energy share of dW are means over the adapted layers."), "",
           *table, "",
+          *(paired or []),
           "## What was run", "",
           "Grid (the tokens of one `--grid` form a product, several `--grid` are unioned):", "",
           *([f"- `--grid {' '.join(g)}`" for g in manifest["grid"]] or ["- (none: the base config only)"]), "",
@@ -196,9 +201,57 @@ def summarize(out_dir: str | Path) -> Path:
         notes.append("no held-out loss curves: the runs logged no held-out evaluation; set data.eval_examples > 0 "
                      "and train.eval_every > 0 in the base config to get them")
     figures = write_plots([r for r in rows if r["note"] != "not finished"], manifest, out)
+    paired, paired_notes = paired_section(out, manifest)
     path = out / "sweep.md"
-    write_text_atomic(path, summary_markdown(manifest, rows, figures, notes))
+    write_text_atomic(path, summary_markdown(manifest, rows, figures, notes + paired_notes, paired))
     return path
+
+
+def paired_section(out: Path, manifest: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """(sweep.md lines, notes): every combination's paired differences vs the first one per task (seeds
+    pooled: the seeds every combination has), as a table and the forest plot OUT/sweep-paired.png.
+
+    Nothing with fewer than two evaluated combinations; a note instead of the table when an eval.json lacks
+    per-item scores (one written before the sweep saved them) or the results cannot be paired.
+    """
+    (out / PAIRED_PNG).unlink(missing_ok=True)  # rewritten below when there is something to plot
+    found: dict[str, dict[int, dict]] = {}
+    for run in manifest["runs"]:
+        file = out / "runs" / run["name"] / EVAL_NAME
+        result = cached_json(file) if file.is_file() and Run(file.parent).finished() else {}
+        if result.get("tasks"):
+            found.setdefault(run["combination"], {})[run["seed"]] = result
+    if len(found) < 2 or not manifest["eval"]["tasks"]:
+        return [], []
+    if any("items" not in t for by_seed in found.values() for r in by_seed.values() for t in r["tasks"].values()):
+        return [], ["no paired differences: an eval.json lacks per-item scores (written by an older version); "
+                    "rerun the same `multilora sweep` to re-evaluate with them"]
+    seeds = sorted(set.intersection(*(set(by_seed) for by_seed in found.values())))
+    if not seeds:
+        return [], ["no paired differences: no seed was evaluated in every combination"]
+    groups = {combo: [by_seed[sd] for sd in seeds] for combo, by_seed in found.items()}
+    try:
+        rows = compare_paired(groups)
+    except MultiLoRAError as e:
+        return [], [f"no paired differences: {e}"]
+    base = next(iter(groups))
+    dropped = sorted({sd for by_seed in found.values() for sd in by_seed} - set(seeds))
+    notes = [f"paired differences use seed(s) {', '.join(map(str, seeds))}, the ones every combination has"
+             + (f" (seed(s) {', '.join(map(str, dropped))} left out)" if dropped else "")]
+    title = f"Paired differences vs {base}"
+    forest_png(rows, out / PAIRED_PNG, title)
+    lines = [f"## {title}", "",
+             f"Each combination minus `{base}` on the same evaluation items (and seeds, paired: "
+             f"{', '.join(map(str, seeds))}): the difference with its 95% paired-bootstrap interval over items"
+             + (" and seeds" if len(seeds) > 1 else "") + ", the exact McNemar p for accuracy (with several seeds "
+             "the largest per-seed p), and a verdict from the interval (better / worse when it excludes 0, else "
+             "can't tell). Accuracy in percentage points; nll/token lower is better.", "",
+             "| task | metric | combination | diff [95% CI] | McNemar p | verdict | items x seeds |",
+             "|---|---|---|---:|---:|---|---:|"]
+    lines += [f"| {r['task']} | {r['metric']} | {r['run']} | {interval_text(r)} | {p_text(r['p_mcnemar'])} | "
+              f"{r['verdict']} | {r['n_items']} x {r['n_seeds']} |" for r in rows]
+    lines += ["", *[f"- {n}" for n in row_notes(rows)], "", f"![{title}]({PAIRED_PNG})", ""]
+    return lines, notes
 
 
 # ----------------------------------------------------------------------------- plots
