@@ -10,12 +10,14 @@ the wanted ones are picked afterwards. Which of the two a model class supports i
 from __future__ import annotations
 
 import inspect
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .data import IGNORE
+from .prefix import cache_argument
 
 _TENSOR_KEEP: dict[type, bool] = {}  # model class -> accepts a tensor logits_to_keep (probed on first use)
 
@@ -35,23 +37,27 @@ def _may_keep(model: nn.Module) -> bool:
 
 
 def logits_at(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-              keep: torch.Tensor) -> torch.Tensor:
+              keep: torch.Tensor, cache: Callable[[], Any] | None = None) -> torch.Tensor:
     """Logits at the kept positions only.
 
     keep: a bool mask (B, T) -> logits (K, V) for its K True positions in row-major order, or
-    positions (R, P) of long indices -> logits (R, P, V).
+    positions (R, P) of long indices -> logits (R, P, V). `cache`, if given, makes a fresh
+    past_key_values for each forward (a KV cache of a shared prefix, `prefix.expand_kv`); then
+    attention_mask covers the prefix and input_ids (B, T - L) only what follows it.
     """
     want = (int(keep.sum()),) if keep.dtype == torch.bool else tuple(keep.shape)
+    name = cache_argument(model) if cache is not None else None
+    past = (lambda: {name: cache(), "use_cache": True}) if cache is not None else dict  # noqa: E731
     if _may_keep(model):
         try:
-            logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits
+            logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep, **past()).logits
             logits = logits.reshape(-1, logits.shape[-1]) if keep.dtype == torch.bool else logits
             if tuple(logits.shape[:-1]) == want:
                 return logits
         except (TypeError, IndexError, RuntimeError):  # an older transformers takes only an int
             pass
         _TENSOR_KEEP[type(_inner(model))] = False  # do not try again for this model class
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits  # (B, T, V)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, **past()).logits  # (B, T, V)
     if keep.dtype == torch.bool:
         return logits[keep]
     return torch.take_along_dim(logits, keep[..., None], dim=1)

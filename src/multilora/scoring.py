@@ -12,6 +12,8 @@ input), dropping any row that is a prefix of another: choices that are one token
 (padding comes after every real token, so causal attention never sees it and positions are
 unchanged), and the LM head runs only at the positions that predict choice tokens
 (`loss.logits_at`).
+Questions whose prompts share a long prefix (k-shot MMLU: the subject header and the k examples)
+are batched together and the prefix runs once, its KV cache expanded across each batch (`prefix`).
 
 Perplexity: the summed loss of the response tokens (+ EOS) of held-out examples, prompt tokens
 carrying no loss, as in training (`loss.token_losses`).
@@ -32,6 +34,7 @@ from torch import nn
 from .data import Example, MCItem, collate, encode_prompt, tokenize_example
 from .errors import MultiLoRAError
 from .loss import logits_at, token_losses
+from .prefix import expand_kv, prefix_kv, shared_prefix_groups
 
 PROGRESS_EVERY_S = 10.0  # without a terminal: a plain progress line at most this often
 
@@ -140,30 +143,58 @@ def _plan(item: MCItem, tokenizer: Any, chat: bool, max_len: int, bos: int | Non
     return {"rows": rows, "start": len(prompt) - 1, "choice_row": where, "choices": choices}
 
 
-def _batch_inputs(plans: list[dict], batch: list[int], pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """input_ids (R, T), attention_mask (R, T) and the scored positions (R, P) of the rows of `batch`'s questions."""
+def _batch_inputs(plans: list[dict], batch: list[int], pad: int, prefix: int = 0
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """input_ids (R, T - L), attention_mask (R, T) and the scored positions (R, P) of the rows of `batch`'s questions.
+
+    The rows' first `prefix` (L) tokens come from a cached prefix: input_ids hold what follows them
+    and positions count from there; attention_mask covers the prefix too.
+    """
     rows = [(i, row) for i in batch for row in plans[i]["rows"]]  # R rows
     width = max(len(row) for _, row in rows)
     # each row is scored from its question's last prompt token to its own last token
     spans = [len(row) - plans[i]["start"] for i, row in rows]
-    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)        # (R, T)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)       # (R, T)
-    positions = torch.zeros((len(rows), max(spans)), dtype=torch.long)       # (R, P)
+    input_ids = torch.full((len(rows), width - prefix), pad, dtype=torch.long)  # (R, T - L)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)         # (R, T)
+    positions = torch.zeros((len(rows), max(spans)), dtype=torch.long)         # (R, P)
     for r, (i, row) in enumerate(rows):
-        input_ids[r, : len(row)] = torch.tensor(row)
+        input_ids[r, : len(row) - prefix] = torch.tensor(row[prefix:])
         attention_mask[r, : len(row)] = 1
-        span = torch.arange(plans[i]["start"], len(row))
+        span = torch.arange(plans[i]["start"], len(row)) - prefix
         positions[r] = torch.cat([span, span[-1:].expand(positions.shape[1] - len(span))])
     return input_ids, attention_mask, positions
 
 
+def _item_scores(plan: dict, item: MCItem, logp: torch.Tensor, first_row: int) -> dict:
+    """One question's result from the log-probabilities (R, P, V) of its batch; its rows start at `first_row`."""
+    ll = []
+    for j, tokens in enumerate(plan["choices"]):
+        r = first_row + plan["choice_row"][j]
+        picked = logp[r, torch.arange(len(tokens)), torch.tensor(tokens)]  # (m,)
+        ll.append(float(picked.double().sum()))
+    n_tokens = [len(t) for t in plan["choices"]]
+    ll_norm = [v / n for v, n in zip(ll, n_tokens)]
+    return {"task": item.task, "group": item.group, "gold": item.gold, "ll": ll, "ll_norm": ll_norm,
+            "n_tokens": n_tokens, "pred": max(range(len(ll)), key=ll.__getitem__),
+            "pred_norm": max(range(len(ll_norm)), key=ll_norm.__getitem__)}
+
+
+def _batches(plans: list[dict], questions: list[int], batch_size: int) -> list[list[int]]:
+    """`questions` in batches of `batch_size`, longest first (rows of similar length: less padding)."""
+    order = sorted(questions, key=lambda i: -max(len(r) for r in plans[i]["rows"]))
+    return [order[b:b + batch_size] for b in range(0, len(order), batch_size)]
+
+
 def score_choices(model: nn.Module, tokenizer: Any, items: Sequence[MCItem], batch_size: int = 8,
-                  chat: bool = False, progress: bool = False, label: str | None = None) -> list[dict]:
+                  chat: bool = False, progress: bool = False, label: str | None = None,
+                  reuse_prefix: bool = True) -> list[dict]:
     """Per item (in order): ll and ll_norm per choice, pred and pred_norm (argmax), gold, n_tokens, task, group.
 
     `batch_size` is the number of questions per forward pass (each brings its rows, see the module
-    docstring); results do not depend on it beyond float rounding. `progress` shows progress on
-    stderr under `label` (default: the first item's task).
+    docstring); results do not depend on it beyond float rounding. Questions whose prompts share a
+    long prefix (k-shot examples, a MultiRC passage) run it once (`prefix`), unless `reuse_prefix`
+    is False or the model's cache cannot be reused; the log-likelihoods are the same to float
+    rounding. `progress` shows progress on stderr under `label` (default: the first item's task).
     """
     if not (isinstance(batch_size, int) and batch_size >= 1):
         raise MultiLoRAError(f"batch size must be a positive integer, got {batch_size!r}")
@@ -172,7 +203,8 @@ def score_choices(model: nn.Module, tokenizer: Any, items: Sequence[MCItem], bat
     max_len = max_length(model)
     bos = tokenizer.bos_token_id
     plans = [_plan(item, tokenizer, chat, max_len, bos) for item in items]
-    order = sorted(range(len(plans)), key=lambda i: -max(len(r) for r in plans[i]["rows"]))  # less padding
+    prompts = [plan["rows"][0][: plan["start"] + 1] for plan in plans]  # every row starts with its prompt
+    groups, rest = shared_prefix_groups(prompts) if reuse_prefix else ([], list(range(len(plans))))
     device = next(model.parameters()).device
     pad = pad_id(tokenizer)
     out: list[dict | None] = [None] * len(items)
@@ -180,28 +212,24 @@ def score_choices(model: nn.Module, tokenizer: Any, items: Sequence[MCItem], bat
     model.eval()
     try:
         with EvalProgress(len(items), label or items[0].task, "items", progress) as bar, torch.inference_mode():
-            for b0 in range(0, len(order), batch_size):
-                batch = order[b0:b0 + batch_size]
-                input_ids, attention_mask, positions = _batch_inputs(plans, batch, pad)
-                logits = logits_at(model, input_ids.to(device), attention_mask.to(device),
-                                   positions.to(device))                                 # (R, P, V)
-                logp = torch.log_softmax(logits.float(), dim=-1).cpu()                   # (R, P, V)
-                first_row = 0
-                for i in batch:
-                    plan, item = plans[i], items[i]
-                    ll = []
-                    for j, tokens in enumerate(plan["choices"]):
-                        r = first_row + plan["choice_row"][j]
-                        picked = logp[r, torch.arange(len(tokens)), torch.tensor(tokens)]  # (m,)
-                        ll.append(float(picked.double().sum()))
-                    first_row += len(plan["rows"])
-                    n_tokens = [len(t) for t in plan["choices"]]
-                    ll_norm = [v / n for v, n in zip(ll, n_tokens)]
-                    out[i] = {"task": item.task, "group": item.group, "gold": item.gold, "ll": ll,
-                              "ll_norm": ll_norm, "n_tokens": n_tokens,
-                              "pred": max(range(len(ll)), key=ll.__getitem__),
-                              "pred_norm": max(range(len(ll_norm)), key=ll_norm.__getitem__)}
-                bar.advance(len(batch))
+            work = [(length, members) for length, members in groups] + [(0, rest)]
+            while work:
+                length, members = work.pop(0)
+                kv = prefix_kv(model, prompts[members[0]][:length]) if length else None
+                if length and kv is None:  # this model's cache cannot be reused: the plain way
+                    work.append((0, members))
+                    continue
+                for batch in _batches(plans, members, batch_size):
+                    input_ids, attention_mask, positions = _batch_inputs(plans, batch, pad, length)
+                    cache = (lambda rows=input_ids.shape[0]: expand_kv(kv, rows)) if kv is not None else None
+                    logits = logits_at(model, input_ids.to(device), attention_mask.to(device),
+                                       positions.to(device), cache)                       # (R, P, V)
+                    logp = torch.log_softmax(logits.float(), dim=-1).cpu()                 # (R, P, V)
+                    first_row = 0
+                    for i in batch:
+                        out[i] = _item_scores(plans[i], items[i], logp, first_row)
+                        first_row += len(plans[i]["rows"])
+                    bar.advance(len(batch))
     finally:
         model.train(was_training)
     return out  # type: ignore[return-value]
