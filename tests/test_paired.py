@@ -5,7 +5,6 @@ the rows of compare_paired against direct computations, mismatch errors, the for
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -83,7 +82,9 @@ def test_perplexity_rows_are_the_nll_per_token_difference():
     tokens = rng.integers(2, 30, size=60)
     nll_a = tokens * rng.normal(2.0, 0.2, 60)
     nll_b = nll_a - tokens * 0.3 + tokens * rng.normal(0, 0.05, 60)
-    items = lambda nll: [{"id": f"e{i}", "nll": float(v), "tokens": int(t)} for i, (v, t) in enumerate(zip(nll, tokens))]  # noqa: E731
+    def items(nll):
+        return [{"id": f"e{i}", "nll": float(v), "tokens": int(t)} for i, (v, t) in enumerate(zip(nll, tokens))]
+
     row, = compare_paired({"a": [result({"alpaca": items(nll_a)})], "b": [result({"alpaca": items(nll_b)})]})
     assert row["metric"] == "nll/token" and row["p_mcnemar"] is None and not row["higher_is_better"]
     assert row["diff"] == pytest.approx(nll_b.sum() / tokens.sum() - nll_a.sum() / tokens.sum(), rel=1e-12)
@@ -254,7 +255,8 @@ def swept(tiny_dir, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("sweep")
     base = root / "base.yaml"
-    base.write_text(f"model: {tiny_dir}\nmethod: multilora\nadapter: {{n: 2, r: 2, alpha: 4, targets: [q_proj, v_proj]}}\n"
+    base.write_text(f"model: {tiny_dir}\nmethod: multilora\n"
+                    "adapter: {n: 2, r: 2, alpha: 4, targets: [q_proj, v_proj]}\n"
                     "data: {tasks: [rte, wic], max_len: 64, eval_examples: 0}\noptim: {lr: 0.05}\n"
                     "train: {batch_size: 2, max_steps: 2, eval_every: 0, save_every: 0, cpu: true}\n")
     torch.set_num_threads(1)

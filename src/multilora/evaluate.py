@@ -171,7 +171,8 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--generate", type=int, default=0, metavar="N",
                    help="also record greedy outputs for N held-out Alpaca prompts (shown by --compare side by side)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens per generated output (default: 64)")
-    p.add_argument("--save-items", action="store_true", help="keep every item's scores in eval.json")
+    p.add_argument("--save-items", action="store_true",
+                   help="keep every item's scores in eval.json (what --compare's paired statistics need)")
     p.add_argument("--compare", nargs="+", metavar="RUN", default=None,
                    help="print eval.json files (or folders holding one) side by side instead of evaluating; "
                    "results saved with --save-items also get paired differences vs the baseline with 95%% "

@@ -255,12 +255,13 @@ def forest_png(rows: list[dict[str, Any]], path: str | Path, title: str) -> Path
         scale = 100.0 if metric == "accuracy" else 1.0
         ys = np.arange(len(group))[::-1]  # first row on top
         for y, r in zip(ys, group):
-            ax.errorbar([scale * r["diff"]], [y], xerr=[[scale * (r["diff"] - r["low"])], [scale * (r["high"] - r["diff"])]],
-                        fmt="o", color=COLOURS[r["verdict"]], capsize=3)
+            left, right = scale * (r["diff"] - r["low"]), scale * (r["high"] - r["diff"])
+            ax.errorbar([scale * r["diff"]], [y], xerr=[[left], [right]], fmt="o", color=COLOURS[r["verdict"]],
+                        capsize=3)
         ax.axvline(0.0, color="black", linewidth=1)
         ax.set_yticks(ys, [f"{r['task']} · {r['run']}" for r in group], fontsize=8)
         better = "higher" if group[0]["higher_is_better"] else "lower"
-        unit = "percentage points" if metric == "accuracy" else metric
+        unit = "percentage points" if metric == "accuracy" else "nats per token"
         ax.set_xlabel(f"{metric} difference vs {group[0]['baseline']} ({unit}; {better} is better), 95% interval")
         ax.set_ylim(-0.75, len(group) - 0.25)
         ax.grid(axis="x", alpha=0.3)
