@@ -147,7 +147,15 @@ def test_seed_groups_pair_seeds_and_widen_when_seeds_disagree():
     wide, = compare_paired({"base": base, "new": mixed})
     assert wide["high"] - wide["low"] > 2 * (row["high"] - row["low"])
     fewer, = compare_paired({"base": base, "new": agree[:2]})
-    assert fewer["n_seeds"] == 2 and "base has 3 seed(s), new 2: the first 2 of each paired" in fewer["note"]
+    assert fewer["n_seeds"] == 2 and "base has 3 seeds, new 2: the first 2 of each paired" in fewer["note"]
+    # one result (the base model: no training seed) is paired with every seed of the other group
+    one, = compare_paired({"model": base[:1], "new": agree})
+    expected = np.mean([np.mean([max(x, g) for x, g in zip(bits(120, 0.5, s), gain)]) - np.mean(bits(120, 0.5, 0))
+                        for s in range(3)])
+    assert one["n_seeds"] == 3 and one["diff"] == pytest.approx(expected)
+    assert "the one result of model is paired with each of the 3 seeds of new" in one["note"]
+    back, = compare_paired({"new": agree, "model": base[:1]})
+    assert back["diff"] == pytest.approx(-expected) and back["n_seeds"] == 3
 
 
 def test_overall_row_is_the_mean_of_the_accuracy_differences():

@@ -129,6 +129,20 @@ def _row(task: str, metric: str, run: str, base: str, iv: Interval, p: float | N
             "verdict": verdict(iv, higher), "note": "; ".join(n for n in notes if n)}
 
 
+def _pair_seeds(base: str, base_results: list[dict], run: str, run_results: list[dict]) -> tuple[list, list, str]:
+    """(baseline results, run results, note), paired by position: a single result (a base model, which has
+    no training seed) is paired with every seed of the other side; else the seeds both have."""
+    nb, nr = len(base_results), len(run_results)
+    if nb == nr:
+        return base_results, run_results, ""
+    if min(nb, nr) == 1:
+        one, many = (base, run) if nb == 1 else (run, base)
+        return (base_results * nr if nb == 1 else base_results, run_results * nb if nr == 1 else run_results,
+                f"the one result of {one} is paired with each of the {max(nb, nr)} seeds of {many}")
+    s = min(nb, nr)
+    return base_results[:s], run_results[:s], f"{base} has {nb} seeds, {run} {nr}: the first {s} of each paired"
+
+
 def compare_paired(groups: dict[str, list[dict]], baseline: str | None = None, n_boot: int = 10_000,
                    seed: int = 0) -> list[dict]:
     """Every group of eval results (label -> one result per seed, in seed order) against `baseline`
@@ -136,6 +150,8 @@ def compare_paired(groups: dict[str, list[dict]], baseline: str | None = None, n
     run - baseline, its 95% paired-bootstrap interval, the exact McNemar p (accuracy; with several
     seeds the largest per-seed p), n_items, n_seeds, the verdict and a note. With two or more
     multiple-choice tasks, an "overall" row per run: the mean of their accuracy differences.
+    Seeds pair by position: groups with different seed counts use the first ones both have, except a
+    group of one result (a base model), which is paired with every seed of the other (said in "note").
 
     Results scored on partly different items are compared on the shared ones (said in "note"); no shared
     item, or a task missing from one side, is a MultiLoRAError naming the task and both runs.
@@ -151,10 +167,8 @@ def compare_paired(groups: dict[str, list[dict]], baseline: str | None = None, n
     for run, run_results in groups.items():
         if run == base:
             continue
-        s = min(len(groups[base]), len(run_results))
-        seed_note = "" if len(groups[base]) == len(run_results) else (
-            f"{base} has {len(groups[base])} seed(s), {run} {len(run_results)}: the first {s} of each paired")
-        base_results, results = groups[base][:s], run_results[:s]
+        base_results, results, seed_note = _pair_seeds(base, groups[base], run, run_results)
+        s = len(base_results)
         tasks = list(dict.fromkeys([*base_results[0]["tasks"], *results[0]["tasks"]]))
         accuracy_parts = []
         for k, task in enumerate(tasks):
