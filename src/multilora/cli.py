@@ -16,7 +16,7 @@ from . import train as training  # looked up at call time: tests stub training.t
 from ._version import __version__
 from .analyze import add_analyze_arguments, run_analyze_cli
 from .config import help_text, load_config, valid_keys
-from .demo import DEFAULT_STEPS, EVAL_LIMIT, QUICK_EVAL_LIMIT, QUICK_STEPS, run_demo
+from .demo import DEFAULT_STEPS, EVAL_LIMIT, PRECISIONS, PRESETS, QUICK_EVAL_LIMIT, QUICK_STEPS, run_demo
 from .errors import MultiLoRAError
 from .evaluate import add_eval_arguments, run_eval_cli
 from .export import OVERWRITE_HELP, add_export_serving_arguments, export_merged, run_export_peft_cli
@@ -110,7 +110,8 @@ def cmd_export(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     """Run the paper's study at small scale on the embedded model."""
     run_demo(out_dir=args.out, steps=args.steps, seeds=args.seeds, quick=args.quick, model_name=args.model,
-             eval_limit=args.limit, resume=args.resume, overwrite=args.overwrite)
+             eval_limit=args.limit, resume=args.resume, overwrite=args.overwrite, preset=args.preset,
+             precision=args.precision)
 
 
 def cmd_tasks(args: argparse.Namespace) -> None:
@@ -144,12 +145,22 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train LoRA (r=24), MultiLoRA (n=3, r=8) and full fine-tuning on the paper's "
                        "task mixture (Alpaca + MMLU + BoolQ/RTE/WiC) with the same data and budget, evaluate them "
                        "and the base model on every task, analyze the spectra of the updates, and write report.md.")
-    p.add_argument("--out", default=None, help="output folder (default: runs/demo-<date>)")
+    p.add_argument("--preset", choices=list(PRESETS), default="demo",
+                   help="demo: 3 arms, 1 seed, 40 items per task, minutes (default); study: 4 arms (LoRA, MultiLoRA "
+                   "at the paper's s_lr_mult 1 and at 30, full), 3 seeds, 96 steps, full held-out splits and held-out "
+                   "loss curves, about 1.5-2 hours on 2 cores; both judge the claims from paired 95%% intervals")
+    p.add_argument("--out", default=None, help="output folder (default: runs/demo-<date>, runs/demo-study-<date>)")
     p.add_argument("--steps", type=int, default=None,
-                   help=f"training steps per method (default: {DEFAULT_STEPS}; {QUICK_STEPS} with --quick)")
-    p.add_argument("--seeds", type=int, default=1, help="seeds per method; >= 2 gives mean ± std (default: 1)")
+                   help=f"training steps per arm (default: {DEFAULT_STEPS}, study {PRESETS['study'].steps}; "
+                   f"{QUICK_STEPS} with --quick)")
+    p.add_argument("--seeds", type=int, default=None, help="seeds per arm, each pairing all arms on the same init "
+                   f"seed and batches (default: 1, study {PRESETS['study'].seeds})")
     p.add_argument("--limit", type=int, default=None,
-                   help=f"evaluation items per task (default: {EVAL_LIMIT}; {QUICK_EVAL_LIMIT} with --quick)")
+                   help=f"evaluation items per task (default: {EVAL_LIMIT}, study: whole splits or a fixed sample, "
+                   f"see report; {QUICK_EVAL_LIMIT} with --quick)")
+    p.add_argument("--precision", choices=list(PRECISIONS), default="auto",
+                   help="training precision: bf16 autocast or float32 ('no'); auto: bf16 where the CPU computes "
+                   "bfloat16 natively (avx512_bf16 / amx), else float32 (default: auto); evaluation is float32")
     p.add_argument("--quick", action="store_true",
                    help="a smoke run of the whole pipeline on a tiny random model: few steps and items, seconds")
     p.add_argument("--model", default=None,
