@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import yaml
 
@@ -133,21 +133,31 @@ def train_run(run: dict[str, Any], progress: bool, on_step: Callable[[int, Any, 
     return True
 
 
-def eval_settings(tasks: list[str], limit: int) -> dict[str, Any]:
-    """What an eval.json of the sweep was computed with (a cached one is reused only if these match)."""
-    return {"tasks": tasks, "limit": limit, "mmlu_per_subject": eval_limit("mmlu", limit)}
+def eval_settings(tasks: list[str], limit: int | Mapping[str, int | None], shots: int = 0) -> dict[str, Any]:
+    """What an eval.json of the sweep was computed with (a cached one is reused only if these match).
+
+    `limit`: items per task (MMLU: tasks.eval_limit per subject), or {task: evaluate()'s limit, None: all}.
+    """
+    if isinstance(limit, Mapping):
+        settings: dict[str, Any] = {"tasks": tasks, "limits": {t: limit.get(t) for t in tasks}}
+    else:
+        settings = {"tasks": tasks, "limit": limit, "mmlu_per_subject": eval_limit("mmlu", limit)}
+    return {**settings, "shots": shots} if shots else settings  # (no key at 0: older eval.json files stay valid)
 
 
-def evaluate_target(target: str, path: Path, tasks: list[str], limit: int, progress: bool, trained: Any = None,
-                    on_task: Callable[[str, bool], None] | None = None) -> tuple[dict[str, Any] | None, bool]:
+def evaluate_target(target: str, path: Path, tasks: list[str], limit: int | Mapping[str, int | None], progress: bool,
+                    trained: Any = None, on_task: Callable[[str, bool], None] | None = None,
+                    shots: int = 0) -> tuple[dict[str, Any] | None, bool]:
     """Write `path`: the evaluate() result of `target` (a run folder or a model) on `tasks`, unless a cached
     one is there; returns (the result, True if it evaluated now). No tasks: (None, False).
 
-    MMLU's limit is per subject (tasks.eval_limit). A cached file is reused if it has the same settings and
+    MMLU's limit is per subject (tasks.eval_limit); a mapping gives each task evaluate()'s own limit (None:
+    the whole split); `shots` is MMLU's k-shot. A cached file is reused if it has the same settings and
     the same `trained` (when the run's training finished). `on_task(task, done)` is called before (done
     False) and after (done True) each task.
     """
-    settings = {**eval_settings(tasks, limit), "trained": trained}
+    # save_items: per-item scores for the paired statistics (an eval.json cached without them is redone)
+    settings = {**eval_settings(tasks, limit, shots), "save_items": True, "trained": trained}
     if not tasks:
         return None, False
     cached = cached_json(path) if path.is_file() else {}
@@ -158,13 +168,15 @@ def evaluate_target(target: str, path: Path, tasks: list[str], limit: int, progr
     for t in tasks:
         if on_task is not None:
             on_task(t, False)
-        parts.append(evaluate(model, tokenizer, [t], limit=eval_limit(t, limit), identity=identity,
-                              progress=progress))
+        task_limit = limit.get(t) if isinstance(limit, Mapping) else eval_limit(t, limit)
+        parts.append(evaluate(model, tokenizer, [t], shots=shots, limit=task_limit, identity=identity,
+                              progress=progress, save_items=True))
         if on_task is not None:
             on_task(t, True)
     result = {**parts[0], "tasks": {t: p["tasks"][t] for t, p in zip(tasks, parts)},
               "seconds": sum(p["seconds"] for p in parts)}
-    result["settings"].update(tasks=tasks, limit=limit, mmlu_per_subject=settings["mmlu_per_subject"])
+    result["settings"].update(tasks=tasks, limit=dict(limit) if isinstance(limit, Mapping) else limit,
+                              mmlu_per_subject=settings.get("mmlu_per_subject", (settings.get("limits") or {}).get("mmlu")))
     result[CACHE_KEY] = settings
     write_json_atomic(path, result)
     return result, True
