@@ -1,12 +1,13 @@
 """Splice generated results into README.md between marker comments, so no number is typed by hand.
 
     python tools/update_readme.py --demo runs/demo-2026-11-29          # report table, figure, wall time
+    python tools/update_readme.py --study runs/demo-study-2026-12-01   # `demo --preset study`: verdict, paired table
     python tools/update_readme.py --bench-layer bench_layer.txt        # printed output of bench_layer.py
     python tools/update_readme.py --sweep runs/sweep-dynamics          # sweep table + held-out loss figure
     MULTILORA_RELIABILITY_JSON=rel.json pytest tests/reliability && \
     python tools/update_readme.py --reliability rel.json                # RELIABILITY.md's figures
 
-Blocks: <!-- demo:start/end -->, <!-- bench-layer:start/end --> and <!-- sweep:start/end -->.
+Blocks: <!-- demo:start/end -->, <!-- study:start/end -->, <!-- bench-layer:start/end --> and <!-- sweep:start/end -->.
 """
 
 from __future__ import annotations
@@ -61,6 +62,52 @@ def demo_block(run: Path) -> str:
     ])
 
 
+def study_block(run: Path) -> str:
+    """README text for a finished `multilora demo --preset study` folder: the command, machine and time, the
+    verdict, the per-task table, the paired differences with the forest plots, held-out loss and spectra."""
+    report = (run / "report.md").read_text(encoding="utf-8")
+    study = json.loads((run / "study.json").read_text(encoding="utf-8"))
+    if study.get("smoke_test"):
+        raise SystemExit(f"{run} is a --quick smoke test (tiny random model), not results; run "
+                         "`multilora demo --preset study`")
+    if study.get("preset") != "study":
+        raise SystemExit(f"{run} is a `multilora demo` of preset {study.get('preset', 'demo')!r}; use --demo for it")
+    docs = ROOT / "docs"
+    docs.mkdir(exist_ok=True)
+    copies = {"forest-vs-lora.png": "study-forest-vs-lora.png", "forest-vs-full.png": "study-forest-vs-full.png",
+              "heldout_loss.png": "study-heldout.png", "analysis/spectra.png": "study-spectra.png",
+              "loss_curves.png": "study-loss.png"}
+    for src, dst in copies.items():
+        if (run / src).is_file():
+            shutil.copyfile(run / src, docs / dst)
+    verdict = report.split("## What was run")[0].split("\n", 1)[1].strip()
+    paired = section(report, "Paired differences")
+    for src, dst in copies.items():
+        paired = paired.replace(f"]({src})", f"](docs/{dst})")
+    t, m = study["timings"], study.get("machine", {})
+    when = datetime.datetime.fromtimestamp((run / "study.json").stat().st_mtime, datetime.timezone.utc)
+    cpu = f"{m.get('cpu', platform.machine())}, {m.get('cores', '?')} cores" if m else f"{platform.machine()}, 2 cores"
+    precision = "bf16 autocast" if study.get("precision") == "bf16" else "float32"
+    wall = (f"{t['total'] / 3600:.2f} h wall time (training {t['train'] / 60:.0f} min, evaluation "
+            f"{t['eval'] / 60:.0f} min, analysis {t['analyze']:.0f} s)")
+    figures = [f"![{caption}](docs/{name})" for name, caption in (
+        ("study-heldout.png", "Held-out loss per task during training, mean ± std over seeds"),
+        ("study-spectra.png", "Normalized singular-value spectra of dW (seed 0)")) if (docs / name).is_file()]
+    return "\n".join([
+        f"`{study.get('command', 'multilora demo --preset study')}` on {when:%Y-%m-%d}, {cpu}, no GPU, training "
+        f"in {precision}: {len(study['methods'])} arms x {len(study['seeds'])} seeds, {study['steps']} steps each; "
+        f"{wall}.",
+        "",
+        verdict,
+        "",
+        section(report, "Scores per task"),
+        "",
+        paired,
+        "",
+        *[line for f in figures for line in (f, "")],
+    ]).rstrip()
+
+
 def sweep_block(out: Path) -> str:
     """README text for a finished `multilora sweep` folder: its table, the run command, two figures."""
     md = (out / "sweep.md").read_text(encoding="utf-8")
@@ -111,6 +158,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--demo", type=Path, help="a finished `multilora demo` folder")
     parser.add_argument("--bench-layer", type=Path, help="a file holding the printed output of bench_layer.py")
+    parser.add_argument("--study", type=Path, help="a finished `multilora demo --preset study` folder")
     parser.add_argument("--sweep", type=Path, help="a finished `multilora sweep` folder")
     parser.add_argument("--reliability", type=Path, help="the JSON figures of a tests/reliability run (RELIABILITY.md)")
     args = parser.parse_args()
@@ -118,6 +166,8 @@ def main() -> None:
     readme = path.read_text(encoding="utf-8")
     if args.demo:
         readme = splice(readme, "demo", demo_block(args.demo))
+    if args.study:
+        readme = splice(readme, "study", study_block(args.study))
     if args.sweep:
         readme = splice(readme, "sweep", sweep_block(args.sweep))
     if args.bench_layer:

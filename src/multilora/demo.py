@@ -47,6 +47,9 @@ from __future__ import annotations
 
 import datetime
 import math
+import os
+import platform
+import shlex
 import shutil
 import statistics
 import time
@@ -216,6 +219,7 @@ def run_demo(out_dir: str | Path | None = None, steps: int | None = None, seeds:
     if eval_limit is not None and eval_limit < 1:
         raise MultiLoRAError(f"--limit must be >= 1, got {eval_limit}")
     mixed_precision, precision_reason = train_precision(precision)
+    steps_arg, seeds_arg, model_arg = steps, seeds, model_name
     steps = steps or (QUICK_STEPS if quick else design.steps)
     seeds = seeds or design.seeds
     limits: int | Mapping[str, int | None] = eval_limit or (QUICK_EVAL_LIMIT if quick else design.limits)
@@ -243,7 +247,8 @@ def run_demo(out_dir: str | Path | None = None, steps: int | None = None, seeds:
     t_convert = _prepare_model(model_name, console)
 
     study: dict[str, Any] = {
-        "preset": preset, "model": model_name, "tasks": tasks, "eval_tasks": eval_tasks, "steps": steps,
+        "preset": preset, "command": _command(preset, out, steps_arg, seeds_arg, quick, model_arg, eval_limit, precision),
+        "machine": machine(), "model": model_name, "tasks": tasks, "eval_tasks": eval_tasks, "steps": steps,
         "seeds": list(range(seeds)), "batch_size": 4, "max_len": 128, "mixture": "temperature (T = 2)",
         "precision": mixed_precision, "precision_reason": precision_reason, "eval_precision": "float32",
         "eval_limit": limits, "shots": design.shots, "mmlu_per_subject": _mmlu_per_subject(limits),
@@ -320,6 +325,30 @@ def run_demo(out_dir: str | Path | None = None, steps: int | None = None, seeds:
     report = write_report(study, out)
     _print_summary(console, study, report)
     return report
+
+
+def _command(preset: str, out: Path, steps: int | None, seeds: int | None, quick: bool, model: str | None,
+             limit: int | None, precision: str) -> str:
+    """The `multilora demo` command line that runs this study (what --resume continues)."""
+    args = ["multilora", "demo", *(["--preset", preset] if preset != "demo" else []), "--out", str(out)]
+    for flag, value in (("--steps", steps), ("--seeds", seeds), ("--model", model), ("--limit", limit)):
+        if value is not None:
+            args += [flag, str(value)]
+    args += (["--quick"] if quick else []) + (["--precision", precision] if precision != "auto" else [])
+    return shlex.join(args)
+
+
+def machine() -> dict[str, Any]:
+    """Where the study ran: CPU model, cores torch uses, architecture, torch version, native bfloat16."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(), "arch": platform.machine(),
+            "torch": torch.__version__, "native_bf16": cpu_supports_bf16(),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
 def analysis_dir(seed: int) -> str:

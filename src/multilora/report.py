@@ -160,8 +160,10 @@ def comparisons(study: dict, n_boot: int = N_BOOT) -> list[dict[str, Any]]:
     groups = {name: results for name, results in study["evals"].items() if name != "base"}
     if not has_items(study):
         return []
-    return [row for base in BASELINES if base in groups and len(groups) > 1
+    rows = [row for base in BASELINES if base in groups and len(groups) > 1
             for row in compare_paired(groups, base, n_boot=n_boot)]
+    mirrored = {(r["baseline"], r["run"]) for r in rows if r["baseline"] == BASELINES[0]}
+    return [r for r in rows if (r["run"], r["baseline"]) not in mirrored]  # lora - full is -(full - lora)
 
 
 def module_metrics(analysis: dict, name: str) -> dict[str, dict[str, float]]:
@@ -312,7 +314,8 @@ def claim2(study: dict, rows: list[dict[str, Any]]) -> str | None:
             + " ".join(details))
     if any(s == "can't tell" for s in statuses.values()):
         text += (" \"can't tell\" means the interval includes zero: this run cannot separate the methods there"
-                 + ("; more steps, items and seeds (`--preset study`) would narrow it." if seeds < 3 else "."))
+                 + ("; more steps, items and seeds (`--preset study`) would narrow it."
+                    if study.get("preset", "demo") == "demo" else "."))
     if "base" in study["evals"]:
         means = {m: statistics.fmean(mean_accuracy(study, m)) for m in study["evals"] if m != "base"}
         base = statistics.fmean(mean_accuracy(study, "base"))
