@@ -16,7 +16,7 @@ Two presets (`--preset`):
   fine-tuning), 3 seeds, 96 steps, held-out loss per task every 24 steps (8 fixed examples per task),
   and evaluation on the full held-out splits: RTE 277, WiC 638, CB 56, COPA 100 (the last two are not
   trained on: transfer), Alpaca val 513 (perplexity); BoolQ: the first 300 of its 668 val items (a
-  fixed sample: the whole split costs ~65 s more per model); MMLU: the first 4 test questions of each
+  fixed sample: the whole split would cost ~70 s more per model, ~15 min in all); MMLU: the first 4 test questions of each
   of the 57 subjects (228), 5-shot from dev.
 
 Sizing of the study (2-core VM of the slower class, from measured costs: a SmolLM2-135M MultiLoRA step
@@ -119,6 +119,7 @@ class Preset:
     shots: int = 0
     eval_examples: int = 0
     heldout_points: int = 0
+    eval_weight: float = EVAL_WEIGHT  # cost of evaluating one task in training steps, for the ETA
 
 
 DEMO_ARMS = (Arm("lora", "lora"), Arm("multilora", "multilora", S_LR_MULT), Arm("full", "full"))
@@ -128,7 +129,7 @@ STUDY_LIMITS = {"alpaca": None, "mmlu": 4, "boolq": 300, "rte": None, "wic": Non
 PRESETS = {
     "demo": Preset("demo", DEMO_ARMS, DEFAULT_STEPS, 1, PAPER_MIXTURE, EVAL_LIMIT),
     "study": Preset("study", STUDY_ARMS, 96, 3, (*PAPER_MIXTURE, "cb", "copa"), STUDY_LIMITS, shots=5,
-                    eval_examples=8, heldout_points=4),
+                    eval_examples=8, heldout_points=4, eval_weight=14.0),  # ~30 s per task and model, ~2.2 s a step
 }
 
 
@@ -260,7 +261,8 @@ def run_demo(out_dir: str | Path | None = None, steps: int | None = None, seeds:
         "evals": {}, "data_sizes": {},
     }
     n_models = 1 + len(runs)
-    total = len(runs) * steps * STEP_WEIGHT + n_models * len(eval_tasks) * EVAL_WEIGHT + EVAL_WEIGHT * seeds
+    eval_weight = EVAL_WEIGHT if quick else design.eval_weight
+    total = len(runs) * steps * STEP_WEIGHT + n_models * len(eval_tasks) * eval_weight + EVAL_WEIGHT * seeds
     columns = [TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]
     timings = {"convert": t_convert, "train": 0.0, "eval": 0.0, "analyze": 0.0}
@@ -290,11 +292,11 @@ def run_demo(out_dir: str | Path | None = None, steps: int | None = None, seeds:
             (a, r, Path(r) / EVAL_NAME, run_finished_at(Path(r))) for a in arms for r in study["methods"][a]["runs"]]
         for name, target, path, trained in targets:
             on_task = lambda task, done, n=name: progress.update(  # noqa: E731
-                bar, advance=EVAL_WEIGHT if done else 0, description=f"evaluate {n}: {task}")
+                bar, advance=eval_weight if done else 0, description=f"evaluate {n}: {task}")
             result, evaluated = evaluate_target(target, path, eval_tasks, limits, False, trained, on_task,
                                                 shots=design.shots)
             if not evaluated:
-                progress.update(bar, advance=EVAL_WEIGHT * len(eval_tasks))
+                progress.update(bar, advance=eval_weight * len(eval_tasks))
             study["evals"].setdefault(name, []).append(result)
         timings["eval"] = time.perf_counter() - t0
         study["data_sizes"] = _data_sizes(study, tasks)
