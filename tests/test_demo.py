@@ -177,7 +177,8 @@ def test_study_runs_every_arm_and_seed_resumes_after_a_kill_and_reports_the_file
     assert study["precision"] == train_precision("auto")[0] and study["shots"] == 5
     report = (out / "report.md").read_text()
     assert f"Training precision: {'bf16 autocast' if study['precision'] == 'bf16' else 'float32'}" in report
-    assert study["methods"]["multilora-paper"]["s_lr_mult"] == 1.0 and study["methods"]["multilora"]["s_lr_mult"] == 30.0
+    assert study["methods"]["multilora-paper"]["s_lr_mult"] == 1.0
+    assert study["methods"]["multilora"]["s_lr_mult"] == 30.0
     runs = {a: [Path(r) for r in study["methods"][a]["runs"]] for a in arms}
     assert all([r.name for r in runs[a]] == [f"{a}-seed0", f"{a}-seed1"] for a in arms)
     evals = {a: [json.loads((r / "eval.json").read_text()) for r in runs[a]] for a in arms}
@@ -185,7 +186,8 @@ def test_study_runs_every_arm_and_seed_resumes_after_a_kill_and_reports_the_file
         for seed, run in enumerate(runs[a]):
             metrics = _metrics(run)
             # the report's numbers are the files' numbers: held-out curves and training loss from metrics.jsonl
-            assert study["methods"][a]["heldout"][seed] == [{"step": r["step"], **r["eval"]} for r in metrics if "eval" in r]
+            heldout = [{"step": r["step"], **r["eval"]} for r in metrics if "eval" in r]
+            assert study["methods"][a]["heldout"][seed] == heldout
             assert study["methods"][a]["train_loss"][seed] == [r["loss"] for r in metrics if "loss" in r]
             assert [r["step"] for r in metrics if "eval" in r] == [0, 1, 2]  # held-out loss every step of 2
             assert evals[a][seed]["sweep"]["shots"] == 5 and all("items" in t for t in evals[a][seed]["tasks"].values())
@@ -196,13 +198,15 @@ def test_study_runs_every_arm_and_seed_resumes_after_a_kill_and_reports_the_file
             assert batches == [(r["tokens"], sorted(k for k in r if k.startswith("loss/")))
                                for r in _metrics(runs["lora"][seed]) if "tokens" in r]
     # the per-task table: mean ± std over the two seeds of each eval.json
+    scores = report.split("## Scores per task")[1].split("## Paired")[0]
     lines = {line.split("|")[1].strip(): [c.strip().strip("*") for c in line.split("|")[4:-1]]
-             for line in report.split("## Scores per task")[1].split("## Paired")[0].splitlines() if line.startswith("| ")}
+             for line in scores.splitlines() if line.startswith("| ")}
     header = lines["task"]
     for a in arms:
         for task in ("rte", "copa", "cb"):
             accs = [e["tasks"][task]["acc"] for e in evals[a]]
-            assert lines[task][header.index(a)] == f"{100 * statistics.fmean(accs):.1f} ± {100 * statistics.stdev(accs):.1f}"
+            cell = f"{100 * statistics.fmean(accs):.1f} ± {100 * statistics.stdev(accs):.1f}"
+            assert lines[task][header.index(a)] == cell
     # a paired row: MultiLoRA - LoRA on RTE, recomputed from the items of the four eval.json files
     diffs = []
     for seed in range(2):
@@ -274,7 +278,8 @@ def test_precision_follows_the_cpu_flags(tmp_path, monkeypatch):
     monkeypatch.setattr(demo, "cpu_supports_bf16", lambda: True)
     assert train_precision("auto")[0] == "bf16"
     monkeypatch.setattr(demo, "cpu_supports_bf16", lambda: False)
-    assert train_precision("auto") == ("no", "auto: this CPU lacks native bfloat16 (no avx512_bf16 / amx_bf16), so float32")
+    assert train_precision("auto") == ("no", "auto: this CPU lacks native bfloat16 (no avx512_bf16 / amx_bf16), "
+                                             "so float32")
     assert train_precision("bf16")[0] == "bf16" and train_precision("no")[0] == "no"
     with pytest.raises(MultiLoRAError, match="--precision must be one of auto, bf16, no"):
         train_precision("fp8")

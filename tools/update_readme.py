@@ -90,6 +90,10 @@ def study_block(run: Path) -> str:
     precision = "bf16 autocast" if study.get("precision") == "bf16" else "float32"
     wall = (f"{t['total'] / 3600:.2f} h wall time (training {t['train'] / 60:.0f} min, evaluation "
             f"{t['eval'] / 60:.0f} min, analysis {t['analyze']:.0f} s)")
+    if study.get("resumed"):  # the wall time is the last session's; the folders record what every session took
+        wall = (f"resumed after an interruption: training {t['train'] / 60:.0f} min and evaluation "
+                f"{t.get('eval_recorded', t['eval']) / 60:.0f} min as recorded by the runs, the last session "
+                f"{t['total'] / 3600:.2f} h wall time")
     figures = [f"![{caption}](docs/{name})" for name, caption in (
         ("study-heldout.png", "Held-out loss per task during training, mean ± std over seeds"),
         ("study-spectra.png", "Normalized singular-value spectra of dW (seed 0)")) if (docs / name).is_file()]

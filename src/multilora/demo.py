@@ -16,8 +16,8 @@ Two presets (`--preset`):
   fine-tuning), 3 seeds, 96 steps, held-out loss per task every 24 steps (8 fixed examples per task),
   and evaluation on the full held-out splits: RTE 277, WiC 638, CB 56, COPA 100 (the last two are not
   trained on: transfer), Alpaca val 513 (perplexity); BoolQ: the first 300 of its 668 val items (a
-  fixed sample: the whole split would cost ~70 s more per model, ~15 min in all); MMLU: the first 4 test questions of each
-  of the 57 subjects (228), 5-shot from dev.
+  fixed sample: the whole split would cost ~70 s more per model, ~15 min in all); MMLU: the first 4 test
+  questions of each of the 57 subjects (228), 5-shot from dev.
 
 Sizing of the study (2-core VM of the slower class, from measured costs: a SmolLM2-135M MultiLoRA step
 of 4 x 128 tokens 2.27 s float32 / ~1.8 s bf16 autocast; full fine-tuning ~4.7 s per step float32
@@ -248,7 +248,8 @@ def run_demo(out_dir: str | Path | None = None, steps: int | None = None, seeds:
     t_convert = _prepare_model(model_name, console)
 
     study: dict[str, Any] = {
-        "preset": preset, "command": _command(preset, out, steps_arg, seeds_arg, quick, model_arg, eval_limit, precision),
+        "preset": preset,
+        "command": _command(preset, out, steps_arg, seeds_arg, quick, model_arg, eval_limit, precision),
         "machine": machine(), "model": model_name, "tasks": tasks, "eval_tasks": eval_tasks, "steps": steps,
         "seeds": list(range(seeds)), "batch_size": 4, "max_len": 128, "mixture": "temperature (T = 2)",
         "precision": mixed_precision, "precision_reason": precision_reason, "eval_precision": "float32",
@@ -299,6 +300,8 @@ def run_demo(out_dir: str | Path | None = None, steps: int | None = None, seeds:
                 progress.update(bar, advance=eval_weight * len(eval_tasks))
             study["evals"].setdefault(name, []).append(result)
         timings["eval"] = time.perf_counter() - t0
+        # what the evaluations took when they ran (this session or an earlier one, for a resumed study)
+        timings["eval_recorded"] = sum(r["seconds"] for results in study["evals"].values() for r in results)
         study["data_sizes"] = _data_sizes(study, tasks)
 
         t0 = time.perf_counter()  # 4. analysis of every seed's runs
@@ -321,8 +324,8 @@ def run_demo(out_dir: str | Path | None = None, steps: int | None = None, seeds:
         study["spectrum_comparisons"] = spectrum_comparisons(study)
         study["comparisons"] = comparisons(study)
 
-    timings["total"] = time.perf_counter() - t_start
-    study["timings"] = timings
+    timings["total"] = time.perf_counter() - t_start  # this session's wall time
+    study["timings"], study["resumed"] = timings, resume
     write_json_atomic(out / "study.json", {k: v for k, v in study.items() if k != "analysis"})
     report = write_report(study, out)
     _print_summary(console, study, report)
