@@ -50,7 +50,8 @@ def demo_block(run: Path) -> str:
                                                   if t.get("convert") else ""))
     return "\n".join([
         f"`multilora demo` on {when}, {platform.machine()} Linux VM with 2 CPU cores, no GPU: "
-        f"{study['steps']} steps per method, {len(study['seeds'])} seed(s); {wall}.",
+        f"{study['steps']} steps per method, {len(study['seeds'])} seed(s), training in "
+        f"{'bf16 autocast' if study.get('precision') == 'bf16' else 'float32'}; {wall}.",
         "",
         section(report, "Scores per task"),
         "",
