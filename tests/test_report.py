@@ -7,7 +7,9 @@ import math
 import matplotlib
 import numpy as np
 
-from multilora.report import comparisons, loss_curves_png, spectrum_comparisons, task_table, verdict, write_report
+from multilora.report import task_table, write_report
+from multilora.report_plots import loss_curves_png
+from multilora.verdict import comparisons, spectrum_comparisons, verdict
 from multilora.stats import paired_bootstrap
 
 MODULES = 8

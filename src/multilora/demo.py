@@ -6,7 +6,7 @@
     3. evaluate the base model and every run on the held-out splits, keeping every item's score
     4. analyze the updates' singular-value spectra (every seed)
     5. write report.md: tables, plots and a verdict on the paper's two claims from paired 95% intervals
-       (`report.comparisons`: MultiLoRA - LoRA and MultiLoRA - full, per task, over items and seeds)
+       (`verdict.comparisons`: MultiLoRA - LoRA and MultiLoRA - full, per task, over items and seeds)
 
 Two presets (`--preset`):
 
@@ -67,12 +67,13 @@ from .errors import MultiLoRAError
 from .evaluate import EVAL_NAME
 from .io import check_writable_dir, read_json_object, write_json_atomic
 from .models import DEFAULT_MODEL, TINY_MODEL, cache_dir, embedded_model_cached, embedded_model_path, tiny_model_path
-from .report import comparisons, headline, mean_accuracy, module_metrics, spectrum_comparisons, write_report
+from .report import write_report
 from .run import SAMPLER_FILE, Run
 from .sweep import EVAL_LIMIT, analyze_runs, check_existing, evaluate_target, run_finished_at, train_run
 from .sweep_report import trainable_parameters
 from .tasks import PAPER_MIXTURE, get_task, load_examples
 from .tasks import eval_limit as per_task_limit  # run_demo's eval_limit argument has the name
+from .verdict import comparisons, headline, mean_accuracy, module_metrics, spectrum_comparisons
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 METHODS = ("lora", "multilora", "full")

@@ -21,10 +21,10 @@ from .errors import MultiLoRAError
 from .evaluate import EVAL_NAME
 from .io import atomic_path, read_json_object, write_text_atomic
 from .paired import compare_paired, forest_png, interval_text, p_text, row_notes
-from .report import headline
 from .run import Run
 from .sweep_grid import short_names, value_text
 from .tasks import get_task
+from .verdict import headline
 
 MANIFEST = "sweep.json"  # what the sweep ran: base, grid, seeds, tasks, and each run's overrides
 ANALYSIS_DIR = "analysis"
