@@ -11,7 +11,7 @@
 Two presets (`--preset`):
 
 - `demo` (the default, minutes): 3 arms, 64 steps, 1 seed, 40 items per task (2 per MMLU subject, 0-shot).
-- `study` (about 1.5-2 hours on 2 cores): the question the demo cannot answer, with the power to answer
+- `study` (about 1.5 hours on a fast 2-core VM, up to 2x that on the slower class): the question the demo cannot answer, with the power to answer
   it. 4 arms (LoRA; MultiLoRA at the paper's `s_lr_mult` 1; MultiLoRA at our tuned `s_lr_mult` 30; full
   fine-tuning), 3 seeds, 96 steps, held-out loss per task every 24 steps (8 fixed examples per task),
   and evaluation on the full held-out splits: RTE 277, WiC 638, CB 56, COPA 100 (the last two are not
@@ -19,20 +19,20 @@ Two presets (`--preset`):
   fixed sample: the whole split would cost ~70 s more per model, ~15 min in all); MMLU: the first 4 test
   questions of each of the 57 subjects (228), 5-shot from dev.
 
-Sizing of the study (2-core VM of the slower class, from measured costs: a SmolLM2-135M MultiLoRA step
-of 4 x 128 tokens 2.27 s float32 / ~1.8 s bf16 autocast; full fine-tuning ~4.7 s per step float32
-(the demo: 591 s for 3 x 64 steps, 64 x 2 x 2.27 s of them the adapters), ~3.5 s bf16; RTE's 277 items
-28 s = 0.30 ms per prompt character and item, 2 choices; MMLU 5-shot ~0.18 s per question before the
-shared-prefix reuse, 2-4x less after):
+Sizing of the study. Planned from costs measured on the slower 2-core VM class (a SmolLM2-135M
+MultiLoRA step of 4 x 128 tokens: 2.27 s float32, ~1.8 s bf16) at about 1.5-2 hours. Then measured on
+a 2-core AMD EPYC VM with native bf16, by its first run (2026-11-30), with nothing else running:
 
-    training   3 seeds x 96 steps x (3 adapter arms x 1.8 s + full 3.5 s)        = 2,560 s  (float32: 3,230 s)
-               + loading / saving, ~5 s per adapter run, ~20 s per full run       =   105 s
-    held-out   12 runs x 5 evaluations x 40 rows (10 forwards of 4 x 128, ~0.5 s) =   300 s
-    evaluation per model: RTE 28 s, BoolQ 300 x 640 chars 57 s, WiC 638 x 195 chars 37 s, CB 56 x
-               3 choices 10 s, COPA 5 s, MMLU 228 x 0.09-0.18 s 21-41 s, Alpaca 513 responses ~38 s
-               = 196-216 s, x 13 models (base + 12 runs)                          = 2,550-2,800 s
-    analysis   3 seeds x 4 runs (the demo: 21 s for 3)                            =    90 s
-    total      ~5,600 s = 93 min (bf16, shared-prefix eval) to ~6,600 s = 110 min (float32, before it)
+    training   per run, 96 steps in bf16 with 4 held-out evaluations: LoRA 82-85 s, MultiLoRA 85-99 s,
+               full fine-tuning 136-143 s; 12 runs                                 ~   20 min
+    evaluation per model, float32: Alpaca 513 responses 73-78 s, MMLU 228 questions 5-shot 93-104 s
+               (57 groups of 4 sharing a ~530-token prefix: the prefix runs 57 times), BoolQ 300
+               55-59 s, WiC 638 43-47 s, RTE 277 29-31 s, CB 8-9 s, COPA 6-7 s
+               = 311-330 s, x 13 models (base + 12 runs)                           ~   70 min
+    analysis   12 runs                                                             ~    2 min
+    total                                                                          ~ 1.5 h
+
+On the slower class, expect up to 2x that.
 
 Training runs under bf16 autocast where the CPU computes bfloat16 natively (AVX512-BF16 or AMX in
 /proc/cpuinfo), float32 elsewhere (`--precision` overrides); evaluation is always float32. The study is
