@@ -50,7 +50,9 @@ def fuse(
     if lora_s is None:  # plain LoRA
         return a_cat, lora_B.transpose(0, 1).reshape(d_out, n * r) * scaling
     s = lora_s if lora_s.dim() == 2 else lora_s[:, None].expand(n, d_out)  # (n, d_out)
-    b = lora_B * (s * scaling)[..., None]  # (n, d_out, r): row o of B_i times s_i[o]
+    # (n, d_out, r): row o of B_i times s_i[o]; s is multiplied as a view of the parameter (not as s * scaling,
+    # a new tensor autograd would have to keep), so the adapter saves no more for backward than LoRA's B does
+    b = (lora_B * s[..., None]) * scaling
     return a_cat, b.transpose(0, 1).reshape(d_out, n * r)  # (d_out, n r)
 
 
