@@ -152,6 +152,22 @@ def test_quantization_is_recorded_and_rebuilt_by_load_and_eval(tiny_dir, tmp_pat
     torch.testing.assert_close(logits(again), expected, rtol=0, atol=0)
 
 
+def test_load_adapter_warns_on_a_base_quantized_otherwise_than_it_was_trained_on(tiny_dir, tmp_path):
+    import warnings
+
+    ml.save_adapter(quantized(tiny_dir, "nf4"), tmp_path / "nf4")
+    ml.save_adapter(quantized(tiny_dir, "none"), tmp_path / "float")
+    with pytest.warns(UserWarning, match=r"trained on a base quantized as 'nf4', but this model's is 'none'.*"
+                      r"load_model\(\.\.\., quantization='nf4'\)"):
+        ml.load_adapter(load_model(tiny_dir)[0], tmp_path / "nf4")
+    with pytest.warns(UserWarning, match=r"quantized as 'none', but this model's is 'int8'.*without quantization"):
+        ml.load_adapter(load_model(tiny_dir, quantization="int8", compute_dtype="float32")[0], tmp_path / "float")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same quantization loads silently
+        ml.load_adapter(load_model(tiny_dir, quantization="nf4", compute_dtype="float32")[0], tmp_path / "nf4")
+        ml.load_adapter(load_model(tiny_dir)[0], tmp_path / "float")
+
+
 def test_merged_export_equals_the_adapter_on_the_dequantized_base(tiny_dir, tmp_path):
     model = quantized(tiny_dir, "nf4")
     ml.save_adapter(model, tmp_path / "ad")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -258,11 +259,14 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
     """Inject the adapter saved in `adapter_dir` into `model` and load its weights; returns the model.
 
     Refuses, naming the module and shapes, an adapter made for another base model, a missing or
-    extra tensor, a truncated or corrupt file, or an unknown format version.
+    extra tensor, a truncated or corrupt file, or an unknown format version. Warns when `model` is
+    quantized differently from the base the adapter was trained on (an nf4-trained adapter on a float
+    base is allowed, but its outputs differ slightly from training's).
     """
     refuse_if_injected(model)
     meta, tensors = read_adapter(adapter_dir)
     config = config_from_meta(meta, Path(adapter_dir) / CONFIG_NAME)  # read_adapter checked keys and finiteness
+    _warn_if_quantized_differently(meta, adapter_dir, model)
     layers = linear_layers(model)
     for path in meta["modules"]:  # check everything before the model is touched
         if path not in layers:
@@ -290,6 +294,18 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
         for key, t in tensors.items():
             params[key].copy_(t)
     return model
+
+
+def _warn_if_quantized_differently(meta: dict[str, Any], adapter_dir: str | os.PathLike, model: nn.Module) -> None:
+    """A warning naming both quantizations when `model`'s base differs from the one the adapter recorded."""
+    base = meta.get("base_model") if isinstance(meta.get("base_model"), dict) else {}
+    trained = QuantConfig.from_record(base.get("quantization"), str(Path(adapter_dir) / CONFIG_NAME)).quantization
+    here = quantization_of(model).quantization
+    if trained != here:
+        fix = (f"load the base with multilora.models.load_model(..., quantization={trained!r}) to reproduce them"
+               if trained != "none" else "load the base without quantization to reproduce them")
+        warnings.warn(f"adapter {adapter_dir} was trained on a base quantized as {trained!r}, but this model's is "
+                      f"{here!r}: its outputs will differ somewhat from training's; {fix}", stacklevel=3)
 
 
 def _made_for(meta: dict[str, Any]) -> str:
