@@ -406,3 +406,38 @@ def test_evaluate_with_progress_logs_each_task_to_stderr_when_not_a_terminal(tok
     assert "eval rte: 1/1 items" in err and "eval alpaca perplexity: 1/1 examples" in err
     n = len(SUBJECTS)
     assert f"eval mmlu: 2/{n} items" in err and f"eval mmlu: {n}/{n} items" in err  # named by the task, not a subject
+
+
+def test_bf16_precision_scores_under_autocast_close_to_float32_and_is_recorded(tokenizer, tmp_path):
+    model = tiny("llama")
+    seen: list[torch.dtype] = []
+    hook = model.lm_head.register_forward_hook(lambda mod, args, out: seen.append(out.dtype))
+    try:
+        f32 = evaluate(model, tokenizer, ["rte", "alpaca"], limit=6, save_items=True)
+        assert set(seen) == {torch.float32}
+        seen.clear()
+        bf16 = evaluate(model, tokenizer, ["rte", "alpaca"], limit=6, save_items=True, precision="bf16")
+        assert set(seen) == {torch.bfloat16}, "precision='bf16' must run the forward passes under bf16 autocast"
+    finally:
+        hook.remove()
+    assert bf16["settings"]["precision"] == "bf16" and "precision" not in f32["settings"]
+    assert next(model.parameters()).dtype == torch.float32, "autocast must leave the weights alone"
+    lls = [(a, b) for x, y in zip(f32["tasks"]["rte"]["items"], bf16["tasks"]["rte"]["items"])
+           for a, b in zip(x["ll"], y["ll"])]
+    assert max(abs(a - b) for a, b in lls) < 0.05 * max(abs(a) for a, _ in lls)  # bf16 keeps ~3 digits
+    assert bf16["tasks"]["alpaca"]["perplexity"] == pytest.approx(f32["tasks"]["alpaca"]["perplexity"], rel=0.02)
+    with pytest.raises(ml.MultiLoRAError, match="precision must be one of no, bf16, got 'fp8'"):
+        evaluate(model, tokenizer, ["rte"], limit=1, precision="fp8")
+
+
+def test_sweep_eval_cache_is_per_precision(tmp_path, monkeypatch):
+    from multilora import sweep
+    calls: list[str] = []
+    monkeypatch.setattr(sweep, "resolve_target", lambda target: (tiny("llama"), embedded_tokenizer(), {}))
+    real = sweep.evaluate
+    monkeypatch.setattr(sweep, "evaluate", lambda *a, **k: calls.append(k["precision"]) or real(*a, **k))
+    path = tmp_path / "eval.json"
+    for precision in ("no", "no", "bf16", "bf16", "no"):
+        sweep.evaluate_target("m", path, ["rte"], 2, False, precision=precision)
+    assert calls == ["no", "bf16", "no"], "a cached result is reused only at the precision it was made with"
+    assert "precision" not in json.loads(path.read_text())["settings"]

@@ -147,17 +147,19 @@ def eval_settings(tasks: list[str], limit: int | Mapping[str, int | None], shots
 
 def evaluate_target(target: str, path: Path, tasks: list[str], limit: int | Mapping[str, int | None], progress: bool,
                     trained: Any = None, on_task: Callable[[str, bool], None] | None = None,
-                    shots: int = 0) -> tuple[dict[str, Any] | None, bool]:
+                    shots: int = 0, precision: str = "no") -> tuple[dict[str, Any] | None, bool]:
     """Write `path`: the evaluate() result of `target` (a run folder or a model) on `tasks`, unless a cached
     one is there; returns (the result, True if it evaluated now). No tasks: (None, False).
 
     MMLU's limit is per subject (tasks.eval_limit); a mapping gives each task evaluate()'s own limit (None:
     the whole split); `shots` is MMLU's k-shot. A cached file is reused if it has the same settings and
     the same `trained` (when the run's training finished). `on_task(task, done)` is called before (done
-    False) and after (done True) each task.
+    False) and after (done True) each task. `precision`: evaluate()'s ('bf16': under bfloat16 autocast).
     """
     # save_items: per-item scores for the paired statistics (an eval.json cached without them is redone)
     settings = {**eval_settings(tasks, limit, shots), "save_items": True, "trained": trained}
+    if precision != "no":  # (no key for float32: older eval.json files stay valid)
+        settings["precision"] = precision
     if not tasks:
         return None, False
     cached = cached_json(path) if path.is_file() else {}
@@ -170,7 +172,7 @@ def evaluate_target(target: str, path: Path, tasks: list[str], limit: int | Mapp
             on_task(t, False)
         task_limit = limit.get(t) if isinstance(limit, Mapping) else eval_limit(t, limit)
         parts.append(evaluate(model, tokenizer, [t], shots=shots, limit=task_limit, identity=identity,
-                              progress=progress, save_items=True))
+                              progress=progress, save_items=True, precision=precision))
         if on_task is not None:
             on_task(t, True)
     result = {**parts[0], "tasks": {t: p["tasks"][t] for t, p in zip(tasks, parts)},
