@@ -182,6 +182,10 @@ def test_study_runs_every_arm_and_seed_resumes_after_a_kill_and_reports_the_file
     runs = {a: [Path(r) for r in study["methods"][a]["runs"]] for a in arms}
     assert all([r.name for r in runs[a]] == [f"{a}-seed0", f"{a}-seed1"] for a in arms)
     evals = {a: [json.loads((r / "eval.json").read_text()) for r in runs[a]] for a in arms}
+    # evaluation runs at the training precision: every eval.json records it, and the report says it
+    assert {e["settings"].get("precision", "no") for a in arms for e in evals[a]} == {study["precision"]}
+    assert study["eval_precision"] == ("bf16" if study["precision"] == "bf16" else "float32")
+    assert f"evaluation in {'bf16 autocast' if study['precision'] == 'bf16' else 'float32'}" in report
     for a in arms:
         for seed, run in enumerate(runs[a]):
             metrics = _metrics(run)

@@ -51,7 +51,8 @@ def demo_block(run: Path) -> str:
     return "\n".join([
         f"`multilora demo` on {when}, {platform.machine()} Linux VM with 2 CPU cores, no GPU: "
         f"{study['steps']} steps per method, {len(study['seeds'])} seed(s), training in "
-        f"{'bf16 autocast' if study.get('precision') == 'bf16' else 'float32'}; {wall}.",
+        f"{'bf16 autocast' if study.get('precision') == 'bf16' else 'float32'}, evaluation in "
+        f"{'bf16 autocast' if study.get('eval_precision') == 'bf16' else 'float32'}; {wall}.",
         "",
         section(report, "Scores per task"),
         "",
@@ -89,12 +90,14 @@ def study_block(run: Path) -> str:
     when = datetime.datetime.fromtimestamp((run / "study.json").stat().st_mtime, datetime.timezone.utc)
     cpu = f"{m.get('cpu', platform.machine())}, {m.get('cores', '?')} cores" if m else f"{platform.machine()}, 2 cores"
     precision = "bf16 autocast" if study.get("precision") == "bf16" else "float32"
+    precision += ", evaluation in " + ("bf16 autocast" if study.get("eval_precision") == "bf16" else "float32")
     wall = (f"{t['total'] / 3600:.2f} h wall time (training {t['train'] / 60:.0f} min, evaluation "
             f"{t['eval'] / 60:.0f} min, analysis {t['analyze']:.0f} s)")
     if study.get("resumed"):  # the wall time is the last session's; the folders record what every session took
-        wall = (f"resumed after an interruption: training {t['train'] / 60:.0f} min and evaluation "
-                f"{t.get('eval_recorded', t['eval']) / 60:.0f} min as recorded by the runs, the last session "
-                f"{t['total'] / 3600:.2f} h wall time")
+        wall = (f"resumed (finished runs and evaluations reused): training {t['train'] / 60:.0f} min and "
+                f"evaluation {t.get('eval_recorded', t['eval']) / 60:.0f} min as the runs and eval.json files "
+                f"recorded them, {(t['train'] + t.get('eval_recorded', t['eval']) + t['analyze']) / 3600:.2f} h "
+                f"in all; the last session {t['total'] / 3600:.2f} h wall time")
     figures = [f"![{caption}](docs/{name})" for name, caption in (
         ("study-heldout.png", "Held-out loss per task during training, mean ± std over seeds"),
         ("study-spectra.png", "Normalized singular-value spectra of dW (seed 0)")) if (docs / name).is_file()]

@@ -159,8 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"evaluation items per task (default: {EVAL_LIMIT}, study: whole splits or a fixed sample, "
                    f"see report; {QUICK_EVAL_LIMIT} with --quick)")
     p.add_argument("--precision", choices=list(PRECISIONS), default="auto",
-                   help="training precision: bf16 autocast or float32 ('no'); auto: bf16 where the CPU computes "
-                   "bfloat16 natively (avx512_bf16 / amx), else float32 (default: auto); evaluation is float32")
+                   help="precision of training and evaluation: bf16 autocast or float32 ('no'); auto: bf16 where "
+                   "the CPU computes bfloat16 natively (avx512_bf16 / amx) or the GPU supports it, else float32 "
+                   "(default: auto)")
     p.add_argument("--quick", action="store_true",
                    help="a smoke run of the whole pipeline on a tiny random model: few steps and items, seconds")
     p.add_argument("--model", default=None,

@@ -170,8 +170,9 @@ def write_report(study: dict, out_dir: str | Path) -> Path:
         f"batches in the same order per seed (and the same init seed): {study['steps']} steps x "
         f"{study['batch_size']} examples, at most {study['max_len']} tokens each, "
         f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}.{heldout_text}",
-        f"- Training precision: {precision_text}" + (f" ({study['precision_reason']})" if study.get("precision_reason")
-                                                     else "") + "; evaluation in float32.",
+        f"- Training precision: {precision_text}" + (
+            f" ({study['precision_reason']})" if study.get("precision_reason") else "")
+        + f"; evaluation in {_eval_precision_text(study)}.",
         f"- Evaluation: {_evaluation_text(study)}",
         f"- Time: training {t['train']:.0f} s, evaluation {t['eval']:.0f} s, analysis {t['analyze']:.0f} s, "
         f"total {t['total']:.0f} s" + (f" (plus {t['convert']:.0f} s one-time model conversion)" if t.get("convert") else "") + ".",
@@ -219,3 +220,10 @@ def write_report(study: dict, out_dir: str | Path) -> Path:
     path = out / "report.md"
     write_text_atomic(path, "\n".join(md))
     return path
+
+
+def _eval_precision_text(study: dict) -> str:
+    """How the evaluation scored: float32 (what matches lm-eval item by item) or bf16 autocast."""
+    if study.get("eval_precision", "float32") == "bf16":
+        return "bf16 autocast (float32 would match lm-eval item by item; a near-tied answer can flip in bf16)"
+    return "float32"
