@@ -33,8 +33,9 @@ a 2-core AMD EPYC VM with native bf16 (2026-11-30), with nothing else running:
     analysis   12 runs                                                             ~   30 s
     total                                                                          ~ 1 h
 
-On the slower class (the old demo took 1.6x as long there as here) expect ~1.7 h; scaled phase by phase
-from the step times measured there (float32 1.16x this VM's, bf16 only 0.78x of its float32), ~1.8 h.
+On the slower class expect 1.4-2.0 h, scaled phase by phase from what was measured there: a bf16 training
+step of 1.78 s (1.02 s here), the old demo's float32 evaluation 1.4x as long as here, and a bf16 gain in
+evaluation between this VM's (0.51x) and that VM's training gain (0.78x).
 
 Training and evaluation run under bf16 autocast where the CPU computes bfloat16 natively (AVX512-BF16 or
 AMX in /proc/cpuinfo), float32 elsewhere (`--precision` overrides). bf16 scores every task ~2.5x faster
