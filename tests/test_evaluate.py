@@ -410,16 +410,20 @@ def test_evaluate_with_progress_logs_each_task_to_stderr_when_not_a_terminal(tok
 
 def test_bf16_precision_scores_under_autocast_close_to_float32_and_is_recorded(tokenizer, tmp_path):
     model = tiny("llama")
-    seen: list[torch.dtype] = []
-    hook = model.lm_head.register_forward_hook(lambda mod, args, out: seen.append(out.dtype))
+    seen: dict[str, list[torch.dtype]] = {"mlp": [], "head": []}
+    hooks = [model.model.layers[0].mlp.down_proj.register_forward_hook(lambda m, a, out: seen["mlp"].append(out.dtype)),
+             model.lm_head.register_forward_hook(lambda m, a, out: seen["head"].append(out.dtype))]
     try:
         f32 = evaluate(model, tokenizer, ["rte", "alpaca"], limit=6, save_items=True)
-        assert set(seen) == {torch.float32}
-        seen.clear()
+        assert set(seen["mlp"]) == set(seen["head"]) == {torch.float32}
+        seen = {"mlp": [], "head": []}
         bf16 = evaluate(model, tokenizer, ["rte", "alpaca"], limit=6, save_items=True, precision="bf16")
-        assert set(seen) == {torch.bfloat16}, "precision='bf16' must run the forward passes under bf16 autocast"
+        assert set(seen["mlp"]) == {torch.bfloat16}, "precision='bf16' must run the layers under bf16 autocast"
+        assert set(seen["head"]) == {torch.float32}, "the output head (the logits) stays float32"
     finally:
-        hook.remove()
+        for hook in hooks:
+            hook.remove()
+    assert "forward" not in vars(model.lm_head), "the float32 head is removed after the evaluation"
     assert bf16["settings"]["precision"] == "bf16" and "precision" not in f32["settings"]
     assert next(model.parameters()).dtype == torch.float32, "autocast must leave the weights alone"
     lls = [(a, b) for x, y in zip(f32["tasks"]["rte"]["items"], bf16["tasks"]["rte"]["items"])
