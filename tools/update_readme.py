@@ -52,7 +52,7 @@ def demo_block(run: Path) -> str:
         f"`multilora demo` on {when}, {platform.machine()} Linux VM with 2 CPU cores, no GPU: "
         f"{study['steps']} steps per method, {len(study['seeds'])} seed(s), training in "
         f"{'bf16 autocast' if study.get('precision') == 'bf16' else 'float32'}, evaluation in "
-        f"{'bf16 autocast' if study.get('eval_precision') == 'bf16' else 'float32'}; {wall}.",
+        f"{'bf16 autocast (logits float32)' if study.get('eval_precision') == 'bf16' else 'float32'}; {wall}.",
         "",
         section(report, "Scores per task"),
         "",
@@ -90,7 +90,8 @@ def study_block(run: Path) -> str:
     when = datetime.datetime.fromtimestamp((run / "study.json").stat().st_mtime, datetime.timezone.utc)
     cpu = f"{m.get('cpu', platform.machine())}, {m.get('cores', '?')} cores" if m else f"{platform.machine()}, 2 cores"
     precision = "bf16 autocast" if study.get("precision") == "bf16" else "float32"
-    precision += ", evaluation in " + ("bf16 autocast" if study.get("eval_precision") == "bf16" else "float32")
+    precision += ", evaluation in " + ("bf16 autocast (logits float32)" if study.get("eval_precision") == "bf16"
+                                       else "float32")
     wall = (f"{t['total'] / 3600:.2f} h wall time (training {t['train'] / 60:.0f} min, evaluation "
             f"{t['eval'] / 60:.0f} min, analysis {t['analyze']:.0f} s)")
     if study.get("resumed"):  # the wall time is the last session's; the folders record what every session took

@@ -25,10 +25,10 @@ a 2-core AMD EPYC VM with native bf16 (2026-11-30), with nothing else running:
 
     training   per run, 96 steps in bf16 with 4 held-out evaluations: LoRA 82-85 s, MultiLoRA 85-99 s,
                full fine-tuning 136-143 s; 12 runs                                 ~   20 min
-    evaluation per model, bf16 autocast: Alpaca 513 responses 30-40 s, MMLU 228 questions 5-shot
-               53-71 s (57 groups of 4 sharing a ~530-token prefix: the prefix runs 57 times),
-               BoolQ 300 23-31 s, WiC 638 16-24 s, RTE 277 11-16 s, CB 3-5 s, COPA 2-4 s
-               = 140-186 s, x 13 models (base + 12 runs)                           ~   36 min
+    evaluation per model, bf16 autocast (logits float32): Alpaca 513 responses 38-45 s, MMLU 228
+               questions 5-shot 52-65 s (57 groups of 4 sharing a ~530-token prefix: the prefix runs
+               57 times), BoolQ 300 22-29 s, WiC 638 16-23 s, RTE 277 11-16 s, CB 3-4 s, COPA 2-4 s
+               = 146-185 s, x 13 models (base + 12 runs)                           ~   36 min
                (float32: 311-330 s per model, ~70 min)
     analysis   12 runs                                                             ~   30 s
     total                                                                          ~ 1 h
@@ -39,9 +39,9 @@ evaluation between this VM's (0.51x) and that VM's training gain (0.78x).
 
 Training and evaluation run under bf16 autocast where the CPU computes bfloat16 natively (AVX512-BF16 or
 AMX in /proc/cpuinfo), float32 elsewhere (`--precision` overrides). bf16 scores every task ~2.5x faster
-here (MMLU 5-shot ~1.7x). Over the study's 13 models it gave float32's answer on 94.1% of 20,787
-multiple-choice items (the flips are near ties; every arm is scored the same way, so paired differences
-stay fair, and the verdicts were the same but for one per-task call); `--precision no` trains and
+here (MMLU 5-shot ~1.7x), with the logits kept in float32. Over the study's 13 models it gave float32's
+answer on 96.8% of 20,787 multiple-choice items (the flips are near ties; every arm is scored the same
+way, so paired differences stay fair; two of 46 paired calls differ, both at an interval's edge); `--precision no` trains and
 evaluates in float32, the evaluation that matches lm-eval item by item. The study is a
 fixed grid over arms x seeds run by the sweep's stages (sweep.train_run, sweep.evaluate_target,
 sweep.analyze_runs), which call the library's own train, evaluate and analyze, so an interrupted study

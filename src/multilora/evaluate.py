@@ -110,8 +110,8 @@ def evaluate(model: nn.Module, tokenizer: Any, tasks: Sequence[str], shots: int 
     `save_items` keeps every item's scores (id, ll, ll_norm, pred, pred_norm, gold, task, group; for a
     perplexity task id, nll, tokens), so results can be compared item by item later (`tables.compare`);
     `progress` shows each task's progress on stderr (a bar on a terminal, else a line every ~10 s);
-    `precision` 'bf16' scores under bfloat16 autocast (EVAL_PRECISIONS; 'no': the model's own dtype, float32
-    for the embedded model, which is what matches lm-eval item by item).
+    `precision` 'bf16' scores under bfloat16 autocast with the logits in float32 (EVAL_PRECISIONS; 'no': the
+    model's own dtype, float32 for the embedded model, which is what matches lm-eval item by item).
     """
     if isinstance(tasks, str):
         tasks = [t for t in tasks.split(",") if t]
@@ -203,8 +203,9 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="base model for an adapter (default: the one it records)")
     p.add_argument("--chat", action="store_true", help="wrap prompts in the tokenizer's chat template")
     p.add_argument("--precision", choices=list(EVAL_PRECISIONS), default="no",
-                   help="'bf16': score under bfloat16 autocast (about 2.5x faster on a CPU with native bf16 or a GPU; "
-                   "a near-tied answer can flip); 'no' (default): the model's dtype, what matches lm-eval")
+                   help="'bf16': score under bfloat16 autocast, logits in float32 (about 2.5x faster on a CPU with "
+                   "native bf16 or a GPU; a near-tied answer can flip); 'no' (default): the model's dtype, what "
+                   "matches lm-eval")
     p.add_argument("--out", default=None, help="where to write eval.json (default: TARGET/eval.json, "
                    "or ./eval.json for a model name)")
     p.add_argument("--generate", type=int, default=0, metavar="N",

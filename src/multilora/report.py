@@ -225,5 +225,6 @@ def write_report(study: dict, out_dir: str | Path) -> Path:
 def _eval_precision_text(study: dict) -> str:
     """How the evaluation scored: float32 (what matches lm-eval item by item) or bf16 autocast."""
     if study.get("eval_precision", "float32") == "bf16":
-        return "bf16 autocast (float32 would match lm-eval item by item; a near-tied answer can flip in bf16)"
+        return ("bf16 autocast with the logits in float32 (float32 throughout would match lm-eval item by item; "
+                "a near-tied answer can flip in bf16)")
     return "float32"
