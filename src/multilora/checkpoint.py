@@ -66,14 +66,23 @@ def base_model_info(model: nn.Module) -> dict[str, Any]:
     }
 
 
+def _base_record(meta: dict[str, Any]) -> dict[str, Any]:
+    """adapter_config.json's base_model mapping ({} if absent or malformed)."""
+    return meta["base_model"] if isinstance(meta.get("base_model"), dict) else {}
+
+
+def _trained_quantization(meta: dict[str, Any], folder: str | os.PathLike) -> QuantConfig:
+    """The quantization adapter_config.json records for the base (None or absent: not quantized)."""
+    return QuantConfig.from_record(_base_record(meta).get("quantization"), str(Path(folder) / CONFIG_NAME))
+
+
 def recorded_quantization(meta: dict[str, Any], folder: str | os.PathLike) -> QuantConfig:
     """The quantization of the base an adapter was trained on (adapter_config.json), checked to be loadable here.
 
     Adapters saved before it was recorded, and PEFT adapters, read as unquantized.
     """
-    base = meta.get("base_model") if isinstance(meta.get("base_model"), dict) else {}
     where = Path(folder) / CONFIG_NAME
-    quant = QuantConfig.from_record(base.get("quantization"), str(where))
+    quant = _trained_quantization(meta, folder)
     if quant.quantized and not bitsandbytes_available():
         raise MultiLoRAError(f"the adapter {folder} was trained on a {quant.quantization} quantized base "
                              f"(base_model.quantization in {where}), which needs the package bitsandbytes: "
@@ -298,8 +307,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
 
 def _warn_if_quantized_differently(meta: dict[str, Any], adapter_dir: str | os.PathLike, model: nn.Module) -> None:
     """A warning naming both quantizations when `model`'s base differs from the one the adapter recorded."""
-    base = meta.get("base_model") if isinstance(meta.get("base_model"), dict) else {}
-    trained = QuantConfig.from_record(base.get("quantization"), str(Path(adapter_dir) / CONFIG_NAME)).quantization
+    trained = _trained_quantization(meta, adapter_dir).quantization
     here = quantization_of(model).quantization
     if trained != here:
         fix = (f"load the base with multilora.models.load_model(..., quantization={trained!r}) to reproduce them"
@@ -309,5 +317,5 @@ def _warn_if_quantized_differently(meta: dict[str, Any], adapter_dir: str | os.P
 
 
 def _made_for(meta: dict[str, Any]) -> str:
-    base = meta.get("base_model") if isinstance(meta.get("base_model"), dict) else {}
+    base = _base_record(meta)
     return f"made for {base.get('name_or_path') or base.get('model_type') or 'an unknown model'}"

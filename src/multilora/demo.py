@@ -41,9 +41,9 @@ Training and evaluation run under bf16 autocast where the CPU computes bfloat16 
 AMX in /proc/cpuinfo), float32 elsewhere (`--precision` overrides). bf16 scores every task ~2.5x faster
 here (MMLU 5-shot ~1.7x), with the logits kept in float32. Over the study's 13 models it gave float32's
 answer on 96.8% of 20,787 multiple-choice items (the flips are near ties; every arm is scored the same
-way, so paired differences stay fair; two of 46 paired calls differ, both at an interval's edge); `--precision no` trains and
-evaluates in float32, the evaluation that matches lm-eval item by item. The study is a
-fixed grid over arms x seeds run by the sweep's stages (sweep.train_run, sweep.evaluate_target,
+way, so paired differences stay fair; two of 46 paired calls differ, both at an interval's edge);
+`--precision no` trains and evaluates in float32, the evaluation that matches lm-eval item by item. The
+study is a fixed grid over arms x seeds run by the sweep's stages (sweep.train_run, sweep.evaluate_target,
 sweep.analyze_runs), which call the library's own train, evaluate and analyze, so an interrupted study
 (a killed process) continues with `--resume`: finished runs and evaluations are reused, an interrupted
 run continues from its checkpoint. `recipes/demo-*.yaml` hold the demo's training configs. `--quick`
@@ -216,7 +216,8 @@ def run_demo(out_dir: str | Path | None = None, steps: int | None = None, seeds:
     `preset`: 'demo' (minutes) or 'study' (PRESETS); `steps`, `seeds` and `eval_limit` (items per task)
     override it. `quick` uses a tiny random model (unless `model_name` is given) and a few steps and items:
     a smoke test of the pipeline, whose report judges no claim; `resume` reuses the finished runs and
-    evaluations of an interrupted study in `out_dir`; `precision` is that of training and evaluation (auto, bf16, no).
+    evaluations of an interrupted study in `out_dir`; `precision` is that of training and evaluation
+    (auto, bf16, no).
     """
     if preset not in PRESETS:
         raise MultiLoRAError(f"--preset must be one of {', '.join(PRESETS)}, got {preset!r}")

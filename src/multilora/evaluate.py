@@ -22,7 +22,7 @@ import json
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from rich.console import Console
@@ -43,9 +43,9 @@ from .tasks.mmlu import CATEGORY as MMLU_CATEGORY
 from .tasks.mmlu import MAX_SHOTS
 
 __all__ = ["EVAL_NAME", "EVAL_PRECISIONS", "MMLU_CATEGORY", "accuracy", "add_eval_arguments", "autocast", "compare",
-           "evaluate", "flat_metrics", "generate_samples", "generations_table", "make_eval_fn", "max_length", "mmlu_metrics", "model_identity",
-           "multirc_metrics", "read_result", "resolve_target", "response_nll", "result_table", "run_eval_cli",
-           "score_choices", "summary_rows"]
+           "evaluate", "flat_metrics", "generate_samples", "generations_table", "make_eval_fn", "max_length",
+           "mmlu_metrics", "model_identity", "multirc_metrics", "read_result", "resolve_target", "response_nll",
+           "result_table", "run_eval_cli", "score_choices", "summary_rows"]
 
 
 EVAL_PRECISIONS = ("no", "bf16")
@@ -147,7 +147,8 @@ def evaluate(model: nn.Module, tokenizer: Any, tasks: Sequence[str], shots: int 
     }
 
 
-def autocast(model: nn.Module, precision: str) -> contextlib.AbstractContextManager:
+@contextlib.contextmanager
+def autocast(model: nn.Module, precision: str) -> Iterator[None]:
     """bfloat16 autocast on the model's device for precision 'bf16', with the output head (the logits) in
     float32; nothing for 'no'.
 
@@ -158,20 +159,25 @@ def autocast(model: nn.Module, precision: str) -> contextlib.AbstractContextMana
     if precision not in EVAL_PRECISIONS:
         raise MultiLoRAError(f"evaluation precision must be one of {', '.join(EVAL_PRECISIONS)}, got {precision!r}")
     if precision == "no":
-        return contextlib.nullcontext()
-    stack = contextlib.ExitStack()
+        yield
+        return
     device_type = next(model.parameters()).device.type
-    stack.enter_context(torch.autocast(device_type=device_type, dtype=torch.bfloat16))
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if type(head) is nn.Linear and "forward" not in vars(head):  # a plain head (an adapted or quantized one keeps bf16)
-        def float32_head(x: torch.Tensor) -> torch.Tensor:
-            with torch.autocast(device_type=device_type, enabled=False):
-                bias = None if head.bias is None else head.bias.float()
-                return nn.functional.linear(x.float(), head.weight.float(), bias)
+    plain_head = type(head) is nn.Linear and "forward" not in vars(head)  # an adapted or quantized head keeps bf16
 
-        head.forward = float32_head  # this instance only, for the evaluation; removed on exit
-        stack.callback(delattr, head, "forward")
-    return stack
+    def float32_head(x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=device_type, enabled=False):
+            bias = None if head.bias is None else head.bias.float()
+            return nn.functional.linear(x.float(), head.weight.float(), bias)
+
+    with torch.autocast(device_type=device_type, dtype=torch.bfloat16):
+        if plain_head:
+            head.forward = float32_head  # this instance only, for the evaluation
+        try:
+            yield
+        finally:
+            if plain_head:
+                del head.forward
 
 
 def make_eval_fn(tokenizer: Any, tasks: Sequence[str], shots: int = 0, limit: int | None = 50,
