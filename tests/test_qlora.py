@@ -325,6 +325,16 @@ def no_model_load(monkeypatch):
     monkeypatch.setattr(multilora.plan, "load_model", refuse)
 
 
+@pytest.mark.parametrize("quantization", ["nf4", "int8"])
+def test_store_frozen_in_leaves_quantized_layers_alone(tiny_dir, quantization):
+    from multilora.models import store_frozen_in
+
+    model = quantized(tiny_dir, quantization)
+    before = {n: (p.dtype, p.data_ptr()) for n, p in model.named_parameters()}
+    assert store_frozen_in(model, torch.bfloat16) == 0  # every frozen projection is a bitsandbytes layer
+    assert {n: (p.dtype, p.data_ptr()) for n, p in model.named_parameters()} == before
+
+
 def test_quantization_without_bitsandbytes_names_the_install(tiny_dir, tmp_path, capsys, monkeypatch,
                                                              no_model_load):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import bitsandbytes now fails, find_spec is None

@@ -162,6 +162,57 @@ def test_long_responses_are_cut_to_max_len(tiny_dir):
     assert row["labels"][:16] == [IGNORE] * 16 and IGNORE not in row["labels"][16:]  # half prompt, half response
 
 
+@pytest.mark.parametrize("method", ["multilora", "lora"])
+def test_bf16_run_stores_the_frozen_base_in_bf16_with_the_same_numbers(tiny_dir, tmp_path, monkeypatch, method):
+    """Under bf16 autocast the frozen base weights are stored in bf16 once (autocast would cast them
+    at every call): the losses, held-out losses and adapter are bit for bit those of a run without it."""
+    import multilora.train as train_module
+
+    def run(name: str) -> tuple[list, dict, dict]:
+        seen = {}
+
+        def look(step, model, record):
+            if step == 1:
+                seen.update({n: p.dtype for n, p in model.named_parameters()})
+        config = load_config(None, overrides(tiny_dir, tmp_path / name, method, steps=4, **{
+            "train.mixed_precision": "bf16", "train.eval_every": 2}))
+        out = train(config, on_step=look, progress=False)
+        return read_metrics(out), load_file(out / "adapter.safetensors"), seen
+
+    metrics, adapter, dtypes = run("stored")
+    monkeypatch.setattr(train_module, "store_frozen_in", lambda model, dtype: 0)
+    metrics_cast, adapter_cast, dtypes_cast = run("cast-every-call")
+    strip = lambda rs: [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in rs]  # noqa: E731
+    assert strip(metrics) == strip(metrics_cast) and len([r for r in metrics if "eval" in r]) == 3
+    assert adapter.keys() == adapter_cast.keys() and all(torch.equal(adapter[k], adapter_cast[k]) for k in adapter)
+    base = [n for n in dtypes if n.endswith("base.weight")]
+    assert len(base) == 14 and {dtypes[n] for n in base} == {torch.bfloat16}  # 2 layers x 7 projections
+    assert {dtypes_cast[n] for n in base} == {torch.float32}
+    kept = {n: t for n, t in dtypes.items() if n not in base}  # adapters, norms, embedding and head
+    assert "lm_head.weight" in kept or "model.embed_tokens.weight" in kept
+    assert set(kept.values()) == {torch.float32}
+
+
+def test_store_frozen_in_leaves_the_head_tied_and_trainable_weights():
+    from torch import nn
+
+    from multilora.models import store_frozen_in, tiny_model
+
+    model = tiny_model("llama", tie_word_embeddings=False)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    layers = model.model.layers
+    layers[0].mlp.up_proj.weight.requires_grad_(True)  # trainable: autocast caches its cast itself
+    layers[1].mlp.up_proj.weight = model.model.embed_tokens.weight  # shared: the embedding must stay float32
+    layers[1].mlp.up_proj.in_features, layers[1].mlp.up_proj.out_features = model.model.embed_tokens.weight.shape[::-1]
+    assert store_frozen_in(model, torch.bfloat16) == 14 - 2
+    assert model.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
+    assert layers[0].mlp.up_proj.weight.dtype == torch.float32
+    assert model.model.embed_tokens.weight.dtype == torch.float32 and model.lm_head.weight.dtype == torch.float32
+    assert store_frozen_in(model, torch.bfloat16) == 0  # nothing left to change
+    assert isinstance(model.lm_head, nn.Linear)
+
+
 def test_read_metrics_skips_a_torn_last_line(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo')
     assert read_metrics(tmp_path) == [{"step": 1, "loss": 2.0}]
@@ -322,6 +373,26 @@ def test_resume_refuses_a_changed_config_and_a_folder_without_checkpoints(tiny_d
         train(load_config(empty / "config.yaml"), resume=empty)
 
 
+def test_save_last_false_keeps_no_checkpoint_at_the_end_but_ctrl_c_still_saves(tiny_dir, tmp_path):
+    run = train(load_config(None, overrides(tiny_dir, tmp_path / "run", steps=3, **{
+        "train.save_every": 0, "train.save_last": "false"})), progress=False)
+    assert Run(run).finished() is not None and (run / "adapter.safetensors").is_file()
+    assert checkpoint_dirs(run) == []
+    with pytest.raises(MultiLoRAError, match=r"no complete checkpoint .*finished without one .*save_last false"):
+        train(None, resume=run, progress=False)
+    same = train(load_config(None, overrides(tiny_dir, tmp_path / "same", steps=3, **{"train.save_every": 0})),
+                 progress=False)
+    assert [d.name for _, d in checkpoint_dirs(same)] == ["step-3"] and losses(same) == losses(run)
+
+    def interrupt(step, model, record):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        train(load_config(None, overrides(tiny_dir, tmp_path / "stopped", steps=3, **{
+            "train.save_every": 0, "train.save_last": "false"})), on_step=interrupt, progress=False)
+    assert [d.name for _, d in checkpoint_dirs(tmp_path / "stopped")] == ["step-2"]
+
+
 # ----------------------------------------------------------------------------- recipes
 
 
@@ -472,6 +543,23 @@ def test_lr_multiplier_scales_the_first_step(tiny_dir, tmp_path, method, name, k
     assert abs(float(plain[moved].median()) - 1e-3) < 1e-6  # (smaller only where |g| is near Adam's eps)
     ratio = fast[moved] / plain[moved]
     assert torch.allclose(ratio, torch.full_like(ratio, 10.0), rtol=1e-3), ratio
+
+
+@pytest.mark.parametrize("method", ["multilora", "full"])
+def test_fused_adamw_is_the_default_and_takes_the_foreach_steps_up_to_rounding(tiny_dir, tmp_path, method):
+    from multilora.plan import make_optimizer
+
+    runs = {}
+    for fused in (True, False):
+        config = load_config(None, overrides(tiny_dir, tmp_path / str(fused), method, steps=5,
+                                             **({} if fused else {"optim.fused": "false"})))
+        assert config.optim.fused is fused
+        assert bool(make_optimizer(build_plan(config)).defaults["fused"]) is fused
+        runs[fused] = train(config, progress=False)
+    fused, foreach = losses(runs[True]), losses(runs[False])
+    assert [s for s, _ in fused] == [1, 2, 3, 4, 5] and fused[0] == foreach[0]  # the same first batch
+    assert fused[-1][1] < fused[0][1] - 0.01  # it learns
+    assert all(abs(a - b) <= 1e-5 * abs(b) for (_, a), (_, b) in zip(fused, foreach)), (fused, foreach)
 
 
 def test_scale_init_sets_s_and_is_refused_where_it_does_not_apply(tiny_dir, tmp_path):

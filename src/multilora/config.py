@@ -8,9 +8,9 @@
     data:    {tasks: [alpaca, rte], mixture: proportional, temperature: 2.0, weights: null,
               max_len: 256, chat: false, eval_examples: 32}
     optim:   {lr: 2.0e-4, weight_decay: 0.0, betas: [0.9, 0.999], eps: 1.0e-8, warmup_steps: 0,
-              schedule: cosine, grad_clip: 1.0, s_lr_mult: 1.0, b_lr_mult: 1.0}
+              schedule: cosine, grad_clip: 1.0, s_lr_mult: 1.0, b_lr_mult: 1.0, fused: true}
     train:   {batch_size: 4, grad_accum: 1, max_steps: 100, epochs: null, seed: 0, eval_every: 0,
-              save_every: 50, keep_last: 2, log_every: 1, mixed_precision: "no", gradient_checkpointing: false,
+              save_every: 50, keep_last: 2, save_last: true, log_every: 1, mixed_precision: "no", gradient_checkpointing: false,
               log_tensorboard: false, cpu: false}
     output_dir: runs/multilora
 
@@ -71,6 +71,7 @@ class OptimOptions:
     grad_clip: float = 1.0  # max global grad norm; 0 turns clipping off
     s_lr_mult: float = 1.0  # lr of MultiLoRA's scales s = lr x this (no effect without scales)
     b_lr_mult: float = 1.0  # lr of the B factors = lr x this (LoRA+'s ratio; no effect for full)
+    fused: bool = True  # AdamW's fused kernel (HF Trainer's default); false: torch's foreach loop, same update up to rounding
 
 
 @dataclass
@@ -85,6 +86,7 @@ class TrainOptions:
     eval_every: int = 0  # steps between held-out evaluations; 0: only at the end
     save_every: int = 50  # steps between checkpoints; 0: only at the end
     keep_last: int = 2  # checkpoints kept
+    save_last: bool = True  # a checkpoint at the last step too (only needed to extend a finished run with --resume)
     log_every: int = 1  # steps between metrics.jsonl lines
     mixed_precision: str = "no"  # no | bf16 | fp16 (fp16 needs a GPU); trainable weights stay float32
     gradient_checkpointing: bool = False  # recompute activations in backward (non-reentrant): less memory, one more forward

@@ -164,7 +164,7 @@ def demo_config(method: str, out_dir: str | Path, steps: int = DEFAULT_STEPS, se
         "optim": {"lr": 3e-5 if method == "full" else 3e-4, **({"s_lr_mult": mult} if mult != 1.0 else {}),
                   "weight_decay": 0.0, "warmup_steps": max(1, steps // 10), "schedule": "cosine", "grad_clip": 1.0},
         "train": {"batch_size": 4, "grad_accum": 1, "max_steps": steps, "seed": seed, "eval_every": eval_every,
-                  "save_every": 0, "keep_last": 1, "mixed_precision": mixed_precision},
+                  "save_every": 0, "keep_last": 1, "save_last": False, "mixed_precision": mixed_precision},
         "output_dir": str(out_dir),
     })
 

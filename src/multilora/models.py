@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 import transformers
+from torch import nn
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPT2Config, LlamaConfig, PreTrainedModel,
                           PreTrainedTokenizerBase)
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
@@ -169,6 +170,33 @@ def _refuse_no_checkpointing(cls: type, name: Any) -> None:
     if not getattr(cls, "supports_gradient_checkpointing", False):
         raise MultiLoRAError(f"model {str(name)!r} ({cls.__name__}) does not support gradient checkpointing: set "
                              "train.gradient_checkpointing false (and lower train.batch_size or data.max_len to save memory)")
+
+
+def store_frozen_in(model: nn.Module, dtype: torch.dtype) -> int:
+    """Store the weights of the frozen plain nn.Linear layers in `dtype` (for a run under autocast to
+    `dtype`); returns how many layers changed.
+
+    Autocast casts such a weight to `dtype` at every call again: it caches casts only of weights
+    that require grad. Stored in `dtype` once, every matmul sees the same bits without that copy
+    (a SmolLM2-135M LoRA step under CPU bf16 autocast spent 15% of its time in it), and the frozen
+    weights take half the memory. Left as they are: the output head (evaluation may compute the
+    logits in float32), weights shared with another module (a tied embedding), quantized layers
+    (not plain nn.Linear) and trainable weights. Anything that runs these layers outside autocast
+    afterwards gets a dtype mismatch, so call it only where every forward runs under autocast.
+    """
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    owners: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        owners[id(p)] = owners.get(id(p), 0) + 1
+    changed = 0
+    for layer in model.modules():
+        w = getattr(layer, "weight", None)
+        if (type(layer) is not nn.Linear or layer is head or w.requires_grad or owners[id(w)] > 1
+                or not w.is_floating_point() or w.dtype == dtype):
+            continue
+        w.data = w.data.to(dtype)
+        changed += 1
+    return changed
 
 
 def tiny_model(family: str = "llama", vocab_size: int = 49152, **overrides: Any) -> PreTrainedModel:

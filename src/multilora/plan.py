@@ -57,7 +57,8 @@ class Plan:
                 f"tasks: {sizes} ({c.data.mixture} mixture)\n"
                 f"{self.total_steps} steps x global batch {self.global_batch} "
                 f"({c.train.batch_size} x {c.train.grad_accum} accum x {self.num_processes} processes), "
-                f"lr {c.optim.lr:g} {c.optim.schedule}, warmup {c.optim.warmup_steps}")
+                f"lr {c.optim.lr:g} {c.optim.schedule}, warmup {c.optim.warmup_steps}, "
+                f"AdamW{' (fused)' if c.optim.fused else ''}")
 
 
 def build_plan(config: TrainConfig, num_processes: int = 1) -> Plan:
@@ -134,11 +135,19 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float, s_lr_mult: fl
 
 
 def make_optimizer(plan: Plan) -> torch.optim.AdamW:
-    """AdamW over the plan's parameter groups, each with its own lr and weight decay."""
+    """AdamW over the plan's parameter groups, each with its own lr and weight decay (fused per optim.fused).
+
+    The fused kernel updates each parameter in one pass instead of a dozen elementwise ops over all of
+    them: full fine-tuning of SmolLM2-135M spends 0.06 s instead of 0.45 s per step in AdamW on 2 CPU
+    cores (benchmarks/bench_train.py). The update is the same up to rounding.
+    """
     o = plan.config.optim
-    return torch.optim.AdamW(
-        [{"params": g["params"], "lr": g["lr"], "weight_decay": g["weight_decay"]} for g in plan.param_groups],
-        lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+    groups = [{"params": g["params"], "lr": g["lr"], "weight_decay": g["weight_decay"]} for g in plan.param_groups]
+    try:
+        return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=o.fused or None)
+    except RuntimeError as e:  # a device or dtype without the fused kernel
+        raise MultiLoRAError(f"the fused AdamW kernel cannot run here ({' '.join(str(e).split())[:200]}); "
+                             "set optim.fused false") from None
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, schedule: str, warmup: int, total: int) -> Any:

@@ -193,11 +193,16 @@ class Run:
         """Complete checkpoints as (step, folder), oldest first."""
         return checkpoint_dirs(self.path)
 
+    def no_checkpoint_error(self) -> MultiLoRAError:
+        """The error of a resume from a folder without a complete checkpoint."""
+        why = " (it finished without one at its last step: train.save_last false)" if self.finished() else ""
+        return MultiLoRAError(f"{self.path} has no complete checkpoint to resume from{why}; start again with --overwrite")
+
     def newest_checkpoint(self) -> tuple[int, Path]:
         """(step, folder) of the newest complete checkpoint, verified against its recorded checksums."""
         done = self.checkpoints()
         if not done:
-            raise MultiLoRAError(f"{self.path} has no complete checkpoint to resume from; start again with --overwrite")
+            raise self.no_checkpoint_error()
         step, ck = done[-1]
         verify_checkpoint(ck)
         return step, ck

@@ -82,14 +82,18 @@ def plan_runs(base: Path, combos: list[dict[str, Any]], seeds: int, out: Path) -
     return runs
 
 
+CHECKPOINT_KEYS = ("train.save_every", "train.keep_last", "train.save_last")  # when to save: the run is the same
+
+
 def check_existing(runs: list[dict[str, Any]], out: Path, fix: str | None = None) -> None:
-    """Refuse if a run folder already holds a run trained with another config than the one requested now.
+    """Refuse if a run folder already holds a run trained with another config than the one requested now
+    (how often it saved checkpoints aside).
 
     `fix` ends the message (default: the sweep's advice, another --out or the base config it ran with).
     """
     for run in runs:
         folder = Run(run["config"].output_dir)
-        diff = folder.config_diff(run["config"]) if folder.has_config() else []
+        diff = folder.config_diff(run["config"], ignore=CHECKPOINT_KEYS) if folder.has_config() else []
         if diff:
             k, saved, wanted = diff[0], folder.saved_values(), flatten(run["config"].to_dict())
             raise MultiLoRAError(

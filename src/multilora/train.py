@@ -43,12 +43,13 @@ from .data import IGNORE, collate
 from .errors import MultiLoRAError
 from .io import check_writable_dir, read_json_object
 from .loss import token_losses
+from .models import store_frozen_in
 from .plan import HeldoutLoss, Plan, build_plan, continue_schedule, make_optimizer, make_scheduler, tokenize
 from .run import SAMPLER_FILE, STATE_FILE, Run, register_state_hooks
 
 # keys a resumed run may change (how long, how often); everything else must match the saved config
 RESUMABLE_CHANGES = ("train.max_steps", "train.epochs", "train.eval_every", "train.save_every",
-                     "train.keep_last", "train.log_every", "train.log_tensorboard")
+                     "train.keep_last", "train.save_last", "train.log_every", "train.log_tensorboard")
 
 EvalFn = Callable[[nn.Module], dict[str, float]]
 
@@ -147,6 +148,8 @@ def setup(config: TrainConfig, accelerator: Any, run: Run, resume: bool, eval_fn
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         configure_deepspeed(accelerator, cfg)
     model, optimizer, scheduler = accelerator.prepare(plan.model, optimizer, scheduler)
+    if accelerator.mixed_precision == "bf16" and accelerator.distributed_type == DistributedType.NO:
+        store_frozen_in(plan.model, torch.bfloat16)  # every forward runs under accelerate's autocast: same numbers
     if accelerator.distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED):
         register_state_hooks(accelerator, accelerator.unwrap_model(model))
     evaluate = eval_fn or (HeldoutLoss(plan, accelerator) if plan.eval_examples else None)
@@ -375,7 +378,7 @@ def train(config: TrainConfig | None, *, resume: str | os.PathLike | None = None
                     last = s.step == s.plan.total_steps
                     if (cfg.eval_every and s.step % cfg.eval_every == 0) or last:
                         run_eval(s)
-                    if (cfg.save_every and s.step % cfg.save_every == 0) or last:
+                    if (cfg.save_every and s.step % cfg.save_every == 0) or (last and cfg.save_last):
                         save_checkpoint(s, started)
                 accelerator.wait_for_everyone()
                 run.save_final(accelerator, s.model, s.plan.config, s.plan.tokenizer)
@@ -409,7 +412,7 @@ def check_start(config: TrainConfig | None, resume: str | os.PathLike | None) ->
     run = Run(config.output_dir)
     check_writable_dir(run.path, "output_dir")  # now, not after the model is loaded or at the first save
     if resume is not None and not run.checkpoints():
-        raise MultiLoRAError(f"{run.path} has no complete checkpoint to resume from; start again with --overwrite")
+        raise run.no_checkpoint_error()
     return config, run
 
 

@@ -579,7 +579,7 @@ BAD_VALUES = {
     "train.epochs": st.one_of(st.floats(allow_nan=False), st.integers(), st.text(max_size=6), CONTAINERS),
     "train.seed": st.one_of(NON_INT_FLOAT, NAN_INF, st.text(max_size=6), st.booleans(), st.none(), CONTAINERS),
     "train.mixed_precision": bad_choice(mlconfig.MIXED_PRECISION),
-    "train.log_tensorboard": NOT_BOOL, "train.cpu": NOT_BOOL,
+    "train.log_tensorboard": NOT_BOOL, "train.cpu": NOT_BOOL, "train.save_last": NOT_BOOL, "optim.fused": NOT_BOOL,
     "train.gradient_checkpointing": NOT_BOOL,
     "model.quantization": bad_choice(QUANTIZATIONS), "model.compute_dtype": bad_choice(COMPUTE_DTYPES),
     "model.double_quant": NOT_BOOL,
