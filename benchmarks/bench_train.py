@@ -1,99 +1,107 @@
-"""End-to-end training throughput: tokens/s of full fine-tuning, LoRA and MultiLoRA, printed as ratios to full.
+"""The demo's training step, timed with and without the loop's two speed-ups, printed as ratios.
 
-    python benchmarks/bench_train.py [--model smollm2-135m] [--steps 3] [--batch-size 4] [--max-len 128]
+    python benchmarks/bench_train.py [--model smollm2-135m] [--precision auto|bf16|no] [--steps 6]
 
-Each method trains on the same fixed batch (demo mixture, response-only loss) with the loop's own
-loss function and AdamW: forward, backward and optimizer step. After one warm-up step each, the
-methods take turns for `--steps` rounds and each keeps its fastest step (robust to other load).
-LoRA has the same total rank as MultiLoRA (r = n x r). All numbers come from this one run.
+Each method is built exactly as `multilora demo` builds it (`demo.demo_config` + `plan.build_plan`,
+all seven projections adapted, LoRA r = 24 vs MultiLoRA n = 3 r = 8) and takes the loop's step on
+the demo's first batch: forward and response-token loss (under CPU bf16 autocast, as accelerate runs
+it, unless --precision no), backward, gradient clipping at 1.0, AdamW, zero_grad. Two variants each:
+
+- full fine-tuning: AdamW's foreach loop (torch's default) vs its fused kernel (`optim.fused`);
+- LoRA and MultiLoRA under bf16: the frozen base in float32, cast by autocast at every call, vs stored
+  in bf16 once (`models.store_frozen_in`, what `train` does under bf16). The same bits either way:
+  the script checks that both variants give the same loss.
+
+After one warm-up step each, the variants take turns for --steps rounds (so load from other programs
+hits all alike) and the median step time is printed with the ratio to its baseline from this run.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
+import tempfile
 import time
 from typing import Callable
 
 import torch
 
+from multilora.data import collate
+from multilora.demo import demo_config, train_precision
+from multilora.loss import token_losses
+from multilora.models import store_frozen_in
+from multilora.plan import build_plan, make_optimizer, tokenize
 
-def setup(method: str, args: argparse.Namespace, rows: list[dict], tasks: list[str]) -> tuple[Callable[[], None], int]:
-    """(one optimizer step of `method` on the fixed batch, tokens in the batch)."""
-    from multilora.data import collate
-    from multilora.inject import MultiLoRAConfig, inject
-    from multilora.models import load_model
-    from multilora.loss import token_losses
-    from multilora.plan import param_groups
 
-    torch.manual_seed(0)
-    model, tok = load_model(args.model)
-    targets = ["q_proj", "k_proj", "v_proj", "o_proj"]
-    if method == "full":
-        for p in model.parameters():
-            p.requires_grad_(True)
-    elif method == "lora":
-        inject(model, MultiLoRAConfig.lora(r=args.n * args.r, targets=targets))
-    else:
-        inject(model, MultiLoRAConfig(n=args.n, r=args.r, targets=targets))
-    model.train()
-    opt = torch.optim.AdamW([{"params": g["params"], "weight_decay": g["weight_decay"]}
-                             for g in param_groups(model, 0.0)], lr=1e-5)
-    batch = collate(rows, tok.pad_token_id, tasks)
+def make_step(method: str, model: str, precision: str, fused: bool, stored: bool) -> tuple[Callable[[], float], int]:
+    """(one training step of the demo's `method` returning its loss, tokens in the batch)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        config = demo_config(method, tmp, model=model, mixed_precision=precision)
+    config.optim.fused = fused
+    plan = build_plan(config)
+    if stored:
+        store_frozen_in(plan.model, torch.bfloat16)
+    plan.model.train()
+    optimizer = make_optimizer(plan)
+    rows = []
+    for _ in range(config.train.batch_size):
+        task, i = next(plan.sampler)
+        rows.append(tokenize(plan.train_examples[task][i], plan.tokenizer, config))
+    batch = collate(rows, plan.tokenizer.pad_token_id, plan.tasks)
+    params = [p for g in plan.param_groups for p in g["params"]]
 
-    def step() -> None:
-        sums, counts = token_losses(model, batch, len(tasks))
-        (sums.sum() / counts.sum()).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    def step() -> float:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            sums, counts = token_losses(plan.model, batch, len(plan.tasks))
+            loss = sums.sum() / counts.sum()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, config.optim.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(loss.detach())
 
-    step()  # warm-up (allocations, optimizer state)
     return step, int(batch["attention_mask"].sum())
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m", help="'smollm2-135m' (embedded) or a local model folder")
-    p.add_argument("--steps", type=int, default=3, help="timed rounds (one step per method each)")
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--max-len", type=int, default=128)
-    p.add_argument("--n", type=int, default=3, help="MultiLoRA modules")
-    p.add_argument("--r", type=int, default=8, help="rank per module (LoRA gets n x r)")
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "no"],
+                   help="auto: bf16 autocast where this CPU computes bfloat16 natively (as the demo)")
+    p.add_argument("--steps", type=int, default=6, help="timed rounds (one step per variant each)")
     p.add_argument("--methods", default="full,lora,multilora")
     args = p.parse_args()
+    precision = train_precision(args.precision)[0]
 
-    from multilora.data import MixtureSampler, tokenize_example
-    from multilora.models import DEFAULT_MODEL, embedded_tokenizer, load_model
-    from multilora.tasks import PAPER_MIXTURE, load_examples
-
-    tasks = list(PAPER_MIXTURE)
-    examples = {t: load_examples(t) for t in tasks}
-    sampler = MixtureSampler({t: len(v) for t, v in examples.items()}, "uniform", seed=0)
-    tok = embedded_tokenizer() if args.model == DEFAULT_MODEL else load_model(args.model)[1]
-    rows = []
-    while len(rows) < args.batch_size:
-        task, i = next(sampler)
-        try:
-            rows.append(tokenize_example(examples[task][i], tok, args.max_len))
-        except Exception:  # a response longer than max_len: take another example
-            continue
-    n_tokens = sum(len(r["input_ids"]) for r in rows)
-    print(f"model {args.model}, batch {args.batch_size} examples / {n_tokens} tokens, {args.steps} timed steps, "
-          f"{torch.get_num_threads()} threads; adapters on q/k/v/o, MultiLoRA n={args.n} r={args.r}, "
-          f"LoRA r={args.n * args.r}")
-    methods = args.methods.split(",")
-    steps = {m: setup(m, args, rows, tasks) for m in methods}
-    best = {m: float("inf") for m in methods}
-    for _ in range(args.steps):  # round-robin, best time per method: robust to load from other processes
-        for m in methods:
+    # (method, label, fused AdamW, frozen base stored in bf16); the first of each method is its baseline
+    variants = []
+    for m in args.methods.split(","):
+        if m == "full":
+            variants += [(m, "foreach AdamW", False, False), (m, "fused AdamW", True, False)]
+        elif precision == "bf16":
+            variants += [(m, "base cast every call", False, False), (m, "base stored in bf16", False, True)]
+        else:
+            variants += [(m, "foreach AdamW", False, False), (m, "fused AdamW", True, False)]
+    steps, losses, times = {}, {}, {}
+    for v in variants:
+        steps[v], tokens = make_step(v[0], args.model, precision, v[2], v[3])
+        losses[v] = [steps[v]()]  # warm-up: allocations, optimizer state
+        times[v] = []
+    print(f"model {args.model}, {'bf16 autocast' if precision == 'bf16' else 'float32'}, demo batch "
+          f"(4 examples, {tokens} tokens), median of {args.steps} steps, {torch.get_num_threads()} threads")
+    for _ in range(args.steps):
+        for v in variants:
             t0 = time.perf_counter()
-            steps[m][0]()
-            best[m] = min(best[m], time.perf_counter() - t0)
-    results = {m: steps[m][1] / best[m] for m in methods}
-    base = results.get("full")
-    print(f"{'method':<10} {'tokens/s':>10} {'vs full':>8}")
-    for m, tps in results.items():
-        ratio = f"{tps / base:.2f}x" if base else "-"
-        print(f"{m:<10} {tps:>10.1f} {ratio:>8}")
+            losses[v].append(steps[v]())
+            times[v].append(time.perf_counter() - t0)
+    print(f"{'method':<10} {'variant':<22} {'step s':>7} {'ratio':>6}  first losses")
+    for i, v in enumerate(variants):
+        base = variants[i - 1] if i % 2 else v
+        ratio = statistics.median(times[v]) / statistics.median(times[base])
+        same = "" if v is base else ("  (same bits)" if losses[v] == losses[base] else
+                                     f"  (max diff {max(abs(a - b) for a, b in zip(losses[v], losses[base])):.1e})")
+        print(f"{v[0]:<10} {v[1]:<22} {statistics.median(times[v]):>7.3f} {ratio:>5.2f}x  "
+              f"{', '.join(f'{x:.4f}' for x in losses[v][:3])}{same}")
 
 
 if __name__ == "__main__":
