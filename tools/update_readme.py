@@ -31,6 +31,13 @@ def section(markdown: str, title: str) -> str:
     return m.group(1).strip()
 
 
+def precisions(study: dict) -> str:
+    """'training in X, evaluation in Y' of a demo or study run (study.json's precision and eval_precision)."""
+    train = "bf16 autocast" if study.get("precision") == "bf16" else "float32"
+    evaluation = "bf16 autocast (logits float32)" if study.get("eval_precision") == "bf16" else "float32"
+    return f"training in {train}, evaluation in {evaluation}"
+
+
 def demo_block(run: Path) -> str:
     """README text for a finished demo folder: verdict, per-task table, one spectra figure, wall time."""
     report = (run / "report.md").read_text(encoding="utf-8")
@@ -50,9 +57,7 @@ def demo_block(run: Path) -> str:
                                                   if t.get("convert") else ""))
     return "\n".join([
         f"`multilora demo` on {when}, {platform.machine()} Linux VM with 2 CPU cores, no GPU: "
-        f"{study['steps']} steps per method, {len(study['seeds'])} seed(s), training in "
-        f"{'bf16 autocast' if study.get('precision') == 'bf16' else 'float32'}, evaluation in "
-        f"{'bf16 autocast (logits float32)' if study.get('eval_precision') == 'bf16' else 'float32'}; {wall}.",
+        f"{study['steps']} steps per method, {len(study['seeds'])} seed(s), {precisions(study)}; {wall}.",
         "",
         section(report, "Scores per task"),
         "",
@@ -89,9 +94,6 @@ def study_block(run: Path) -> str:
     t, m = study["timings"], study.get("machine", {})
     when = datetime.datetime.fromtimestamp((run / "study.json").stat().st_mtime, datetime.timezone.utc)
     cpu = f"{m.get('cpu', platform.machine())}, {m.get('cores', '?')} cores" if m else f"{platform.machine()}, 2 cores"
-    precision = "bf16 autocast" if study.get("precision") == "bf16" else "float32"
-    precision += ", evaluation in " + ("bf16 autocast (logits float32)" if study.get("eval_precision") == "bf16"
-                                       else "float32")
     wall = (f"{t['total'] / 3600:.2f} h wall time (training {t['train'] / 60:.0f} min, evaluation "
             f"{t['eval'] / 60:.0f} min, analysis {t['analyze']:.0f} s)")
     if study.get("resumed"):  # the wall time is the last session's; the folders record what every session took
@@ -103,8 +105,8 @@ def study_block(run: Path) -> str:
         ("study-heldout.png", "Held-out loss per task during training, mean ± std over seeds"),
         ("study-spectra.png", "Normalized singular-value spectra of dW (seed 0)")) if (docs / name).is_file()]
     return "\n".join([
-        f"`{study.get('command', 'multilora demo --preset study')}` on {when:%Y-%m-%d}, {cpu}, no GPU, training "
-        f"in {precision}: {len(study['methods'])} arms x {len(study['seeds'])} seeds, {study['steps']} steps each; "
+        f"`{study.get('command', 'multilora demo --preset study')}` on {when:%Y-%m-%d}, {cpu}, no GPU, "
+        f"{precisions(study)}: {len(study['methods'])} arms x {len(study['seeds'])} seeds, {study['steps']} steps each; "
         f"{wall}.",
         "",
         verdict,
