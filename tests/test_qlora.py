@@ -122,7 +122,7 @@ def test_training_steps_lower_the_loss_and_change_only_adapters(tiny_dir, quanti
         loss.backward()
         opt.step()
         opt.zero_grad()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     with torch.no_grad():
         train_mode = model(TOKENS).logits
     model.eval()
