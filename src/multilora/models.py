@@ -17,6 +17,7 @@ import os
 import shutil
 import sys
 import tempfile
+from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -178,16 +179,14 @@ def store_frozen_in(model: nn.Module, dtype: torch.dtype) -> int:
 
     Autocast casts such a weight to `dtype` at every call again: it caches casts only of weights
     that require grad. Stored in `dtype` once, every matmul sees the same bits without that copy
-    (a SmolLM2-135M LoRA step under CPU bf16 autocast spent 15% of its time in it), and the frozen
+    (a SmolLM2-135M MultiLoRA step under CPU bf16 autocast spent 15% of its time in copies), and the frozen
     weights take half the memory. Left as they are: the output head (evaluation may compute the
     logits in float32), weights shared with another module (a tied embedding), quantized layers
     (not plain nn.Linear) and trainable weights. Anything that runs these layers outside autocast
     afterwards gets a dtype mismatch, so call it only where every forward runs under autocast.
     """
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    owners: dict[int, int] = {}
-    for _, p in model.named_parameters(remove_duplicate=False):
-        owners[id(p)] = owners.get(id(p), 0) + 1
+    owners = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))  # > 1: a shared weight
     changed = 0
     for layer in model.modules():
         w = getattr(layer, "weight", None)
