@@ -9,6 +9,7 @@ import json
 import math
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from safetensors.torch import load_file
@@ -335,3 +336,26 @@ def test_plot_panels_skip_keys_that_move_together():
     rows.append({"method": "multilora", "adapter.r": "4", "optim.s_lr_mult": "1.0"})  # r now varies on its own
     assert independent_keys(rows, ["method", "adapter.r", "optim.s_lr_mult"]) == ["method", "adapter.r",
                                                                                  "optim.s_lr_mult"]
+
+
+def test_each_trained_run_and_evaluation_gives_its_freed_memory_back(monkeypatch, tmp_path):
+    """The sweep and the demo run jobs one after another in one process: each job's freed memory is released."""
+    released = []
+    monkeypatch.setattr(sweep, "release_freed_memory", lambda: released.append("released"))
+    monkeypatch.setattr(sweep, "train", lambda *args, **kwargs: released.append("trained"))
+    assert sweep.train_run({"config": SimpleNamespace(output_dir=str(tmp_path / "run"))}, progress=False)
+    assert released == ["trained", "released"]
+
+    def fake_evaluate(model, tokenizer, tasks, **kwargs):
+        released.append("evaluated")
+        return {"settings": {}, "seconds": 1.0, "tasks": {tasks[0]: {"accuracy": 0.5}}}
+
+    monkeypatch.setattr(sweep, "resolve_target", lambda target: (object(), None, {}))
+    monkeypatch.setattr(sweep, "evaluate", fake_evaluate)
+    released.clear()
+    result, evaluated = sweep.evaluate_target("m", tmp_path / "eval.json", ["rte", "wic"], 2, False)
+    assert evaluated and set(result["tasks"]) == {"rte", "wic"}
+    assert released == ["evaluated", "evaluated", "released"]
+    released.clear()
+    assert sweep.evaluate_target("m", tmp_path / "eval.json", ["rte", "wic"], 2, False)[1] is False  # cached
+    assert released == []

@@ -14,6 +14,7 @@ from rich.table import Table
 
 from . import train as training  # looked up at call time: tests stub training.train / build_plan
 from ._version import __version__
+from .allocator import keep_freed_memory
 from .analyze import add_analyze_arguments, run_analyze_cli
 from .config import help_text, load_config, valid_keys
 from .demo import DEFAULT_STEPS, EVAL_LIMIT, PRECISIONS, PRESETS, QUICK_EVAL_LIMIT, QUICK_STEPS, run_demo
@@ -249,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    keep_freed_memory()  # large tensors reused, not page-faulted in again at every step (allocator.py)
     try:
         if args.command == "train":
             args.func(args, extra)

@@ -25,6 +25,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import yaml
 
+from .allocator import release_freed_memory
 from .analyze import analyze, analyze_run
 from .config import flatten, load_config
 from .errors import MultiLoRAError
@@ -134,6 +135,7 @@ def train_run(run: dict[str, Any], progress: bool, on_step: Callable[[int, Any, 
         train(None, resume=folder.path, progress=progress, on_step=on_step)
     else:
         train(run["config"], progress=progress, on_step=on_step, overwrite=folder.path.exists())
+    release_freed_memory()  # the run's model and optimizer state, not kept under the next job's peak
     return True
 
 
@@ -185,6 +187,8 @@ def evaluate_target(target: str, path: Path, tasks: list[str], limit: int | Mapp
                               mmlu_per_subject=settings.get("mmlu_per_subject", (settings.get("limits") or {}).get("mmlu")))
     result[CACHE_KEY] = settings
     write_json_atomic(path, result)
+    del model  # unreferenced, so the release below gives its memory back
+    release_freed_memory()
     return result, True
 
 
