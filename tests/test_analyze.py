@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 import multilora as ml
 from conftest import make_tiny, randomize_adapters
@@ -188,7 +188,8 @@ def _full_run(tmp_path):
     key = "model.layers.0.self_attn.q_proj.weight"
     u, v = torch.linalg.qr(torch.randn(64, 2, generator=g))[0], torch.linalg.qr(torch.randn(64, 2, generator=g))[0]
     sd[key] += u @ torch.diag(torch.tensor([3.0, 1.0])) @ v.T  # (64, 64), sigma = (3, 1)
-    sd["model.layers.1.mlp.up_proj.weight"] += 0.01 * torch.randn(128, 64, generator=g)  # dense
+    sd["model.layers.1.mlp.up_proj.weight"] += 0.01 * torch.randn(128, 64, generator=g)  # dense, tall
+    sd["model.layers.1.mlp.down_proj.weight"] += 0.01 * torch.randn(64, 128, generator=g)  # dense, wide
     (tmp_path / "full").mkdir()
     save_file(sd, str(tmp_path / "full" / "model.safetensors"))
     return tmp_path / "base", tmp_path / "full"
@@ -204,6 +205,10 @@ def test_full_finetuning_diff(tmp_path):
     assert q["energy_top1"] == pytest.approx(0.9, rel=1e-5)
     assert q["effective_rank"] == pytest.approx(math.exp(-(0.75 * math.log(0.75) + 0.25 * math.log(0.25))), rel=1e-4)
     assert by["model.layers.1.mlp.up_proj"]["numerical_rank"] == 64 and by["model.layers.1.mlp.up_proj"]["type"] == "up"
+    tuned, w0 = load_file(str(full / "model.safetensors")), load_file(str(base / "model.safetensors"))
+    for name in ("model.layers.1.mlp.up_proj", "model.layers.1.mlp.down_proj"):  # (128, 64) and (64, 128)
+        dw = tuned[f"{name}.weight"].double() - w0[f"{name}.weight"].double()
+        assert by[name]["sigma"] == pytest.approx(torch.linalg.svdvals(dw).tolist(), rel=1e-4, abs=1e-6)
     assert by["model.layers.0.self_attn.k_proj"]["frobenius"] == 0.0  # unchanged weight: dW = 0, reported
 
 

@@ -71,7 +71,9 @@ def lowrank_svdvals(
 
 def dense_svdvals(dw: torch.Tensor) -> torch.Tensor:
     """Singular values (descending, float32) of a dense update, e.g. W_ft - W0."""
-    return torch.linalg.svdvals(dw.detach().to(torch.float32))
+    dw = dw.detach().to(torch.float32)
+    # the same values for dW^T; LAPACK takes a tall matrix faster (SmolLM2's down_proj 576 x 1536: 74 -> 40 ms)
+    return torch.linalg.svdvals(dw if dw.shape[0] >= dw.shape[1] else dw.T)
 
 
 def spectrum_metrics(sigma: torch.Tensor | Sequence[float], top_k: Iterable[int] = TOP_K,
