@@ -1,6 +1,7 @@
-"""The demo's training step, timed with and without the loop's two speed-ups, printed as ratios.
+"""The demo's training step, timed with and without the loop's speed-ups, printed as ratios.
 
     python benchmarks/bench_train.py [--model smollm2-135m] [--precision auto|bf16|no] [--steps 6]
+                                     [--methods full,lora,multilora] [--rounds 2] [--no-allocator]
 
 Each method is built exactly as `multilora demo` builds it (`demo.demo_config` + `plan.build_plan`,
 all seven projections adapted, LoRA r = 24 vs MultiLoRA n = 3 r = 8) and takes the loop's step on
