@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import subprocess
 import sys
 
@@ -12,7 +11,7 @@ import pytest
 
 from multilora import allocator, cli
 
-GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+GLIBC = allocator._glibc() is not None  # where the tuning applies
 
 # allocate, fill and free a 64 MiB tensor 10 times; print the minor page faults that took (getrusage)
 PROBE = """
@@ -26,15 +25,16 @@ print(json.dumps({"applied": applied, "faults": resource.getrusage(resource.RUSA
 """
 
 
-def _probe(mode: str) -> dict:
+def _run(script: str, *args: str) -> dict:
+    """The JSON that `script` prints last, run in a fresh process (the tuning is process-wide)."""
     env = {**os.environ, allocator.ENV: "1"}
-    out = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, env=env, check=True)
+    out = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, env=env, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.skipif(not GLIBC, reason="tunes glibc malloc; a no-op elsewhere")
 def test_freed_tensors_are_reused_not_faulted_in_again():
-    default, kept = _probe("default"), _probe("keep")
+    default, kept = _run(PROBE, "default"), _run(PROBE, "keep")
     assert kept["applied"] and not default["applied"]
     pages = (64 << 20) // 4096  # one 64 MiB tensor in 4 KiB pages
     assert default["faults"] >= 5 * pages  # glibc's default: a fresh mmap at (nearly) every allocation
@@ -59,9 +59,7 @@ print(json.dumps({"kept": kept - base, "released": resident() - base}))
 
 @pytest.mark.skipif(not GLIBC, reason="tunes glibc malloc; a no-op elsewhere")
 def test_release_gives_kept_memory_back():
-    env = {**os.environ, allocator.ENV: "1"}
-    out = subprocess.run([sys.executable, "-c", RELEASE], capture_output=True, text=True, env=env, check=True)
-    rss = json.loads(out.stdout.strip().splitlines()[-1])
+    rss = _run(RELEASE)
     mib = 1 << 20
     assert rss["kept"] >= 200 * mib  # freed but kept for reuse
     assert rss["released"] <= 50 * mib  # given back

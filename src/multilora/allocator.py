@@ -13,9 +13,10 @@ every step touches fresh pages and the kernel faults them in one by one: 149 ms 
 are reused: over 8 full fine-tuning steps (and the model's loading) minor page faults fell from
 2.13 M to 0.81 M and the peak resident memory rose 2% (3.21 -> 3.28 GB); in two pairs of demo runs
 full fine-tuning took 0.82x and 0.79x as long, LoRA and MultiLoRA about the same (README, "How long
-the demo takes"); benchmarks/bench_train.py prints the step ratios. What the allocator holds is not given back to the system until
-`release_freed_memory()` (glibc's malloc_trim): a process that runs one job after another (the sweep,
-the demo) calls it after each, so one job's freed memory does not stay on top of the next one's peak.
+the demo takes"); benchmarks/bench_train.py prints the step ratios. What the allocator holds is not
+given back to the system until `release_freed_memory()` (glibc's malloc_trim): a process that runs
+one job after another (the sweep, the demo) calls it after each, so one job's freed memory does not
+stay on top of the next one's peak.
 
 A process-wide switch, so the library never flips it by itself: the `multilora` command calls
 `keep_freed_memory()` before its sub-command; code that uses the library can call it once. Set
