@@ -445,3 +445,12 @@ def test_sweep_eval_cache_is_per_precision(tmp_path, monkeypatch):
         sweep.evaluate_target("m", path, ["rte"], 2, False, precision=precision)
     assert calls == ["no", "bf16", "no"], "a cached result is reused only at the precision it was made with"
     assert "precision" not in json.loads(path.read_text())["settings"]
+    # a bf16 eval.json from before the float32 logits (its cache key lacks "logits") is scored again
+    sweep.evaluate_target("m", path, ["rte"], 2, False, precision="bf16")
+    old = json.loads(path.read_text())
+    assert old["sweep"]["logits"] == "float32"
+    del old["sweep"]["logits"]
+    path.write_text(json.dumps(old))
+    sweep.evaluate_target("m", path, ["rte"], 2, False, precision="bf16")
+    assert calls == ["no", "bf16", "no", "bf16", "bf16"]
+    assert json.loads(path.read_text())["sweep"]["logits"] == "float32"

@@ -165,7 +165,9 @@ def evaluate_target(target: str, path: Path, tasks: list[str], limit: int | Mapp
     # save_items: per-item scores for the paired statistics (an eval.json cached without them is redone)
     settings = {**eval_settings(tasks, limit, shots), "save_items": True, "trained": trained}
     if precision != "no":  # (no key for float32: older eval.json files stay valid)
-        settings["precision"] = precision
+        # bf16 scoring keeps the logits in float32 (evaluate.autocast); an eval.json scored before that, with
+        # bf16 logits, lacks the key and is redone
+        settings.update(precision=precision, logits="float32")
     if not tasks:
         return None, False
     cached = cached_json(path) if path.is_file() else {}
