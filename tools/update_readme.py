@@ -38,6 +38,14 @@ def precisions(study: dict) -> str:
     return f"training in {train}, evaluation in {evaluation}"
 
 
+def where(study: dict) -> str:
+    """'CPU model, N cores, no GPU' from study.json's machine (older files without it: this machine's arch)."""
+    m = study.get("machine") or {}
+    if not m:
+        return f"{platform.machine()} Linux VM, 2 cores, no GPU"
+    return f"{m.get('cpu', platform.machine())}, {m.get('cores', '?')} cores, " + (m.get("gpu") or "no GPU")
+
+
 def demo_block(run: Path) -> str:
     """README text for a finished demo folder: verdict, per-task table, one spectra figure, wall time."""
     report = (run / "report.md").read_text(encoding="utf-8")
@@ -56,7 +64,7 @@ def demo_block(run: Path) -> str:
             f"analysis {t['analyze']:.0f} s)" + (f", after a one-time model conversion of {t['convert']:.0f} s"
                                                   if t.get("convert") else ""))
     return "\n".join([
-        f"`multilora demo` on {when}, {platform.machine()} Linux VM with 2 CPU cores, no GPU: "
+        f"`multilora demo` on {when}, {where(study)}: "
         f"{study['steps']} steps per method, {len(study['seeds'])} seed(s), {precisions(study)}; {wall}.",
         "",
         section(report, "Scores per task"),
@@ -91,9 +99,8 @@ def study_block(run: Path) -> str:
     paired = section(report, "Paired differences")
     for src, dst in copies.items():
         paired = paired.replace(f"]({src})", f"](docs/{dst})")
-    t, m = study["timings"], study.get("machine", {})
+    t = study["timings"]
     when = datetime.datetime.fromtimestamp((run / "study.json").stat().st_mtime, datetime.timezone.utc)
-    cpu = f"{m.get('cpu', platform.machine())}, {m.get('cores', '?')} cores" if m else f"{platform.machine()}, 2 cores"
     wall = (f"{t['total'] / 3600:.2f} h wall time (training {t['train'] / 60:.0f} min, evaluation "
             f"{t['eval'] / 60:.0f} min, analysis {t['analyze']:.0f} s)")
     if study.get("resumed"):  # the wall time is the last session's; the folders record what every session took
@@ -105,7 +112,7 @@ def study_block(run: Path) -> str:
         ("study-heldout.png", "Held-out loss per task during training, mean ± std over seeds"),
         ("study-spectra.png", "Normalized singular-value spectra of dW (seed 0)")) if (docs / name).is_file()]
     return "\n".join([
-        f"`{study.get('command', 'multilora demo --preset study')}` on {when:%Y-%m-%d}, {cpu}, no GPU, "
+        f"`{study.get('command', 'multilora demo --preset study')}` on {when:%Y-%m-%d}, {where(study)}, "
         f"{precisions(study)}: {len(study['methods'])} arms x {len(study['seeds'])} seeds, {study['steps']} steps each; "
         f"{wall}.",
         "",
